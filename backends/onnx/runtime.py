@@ -1,0 +1,110 @@
+"""Running models in onnxruntime: random inputs, output comparison, and paired latency measurement.
+
+Latency is measured as dense and pruned runs interleaved in one process (A, B, A, B, ...), medians of
+each: the machines pcc runs on are shared and noisy, and interleaving exposes both models to the same
+noise, so their ratio is meaningful even when the absolute times drift.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+__all__ = ["OutputDifference", "Latency", "session", "random_inputs", "compare_outputs", "paired_latency"]
+
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def session(model: bytes | str | Path, threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # pruned constants ORT would otherwise warn about are gone anyway
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def random_inputs(sess: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
+    """One random input per model input; symbolic dims become 1, integer inputs are small ids."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+        dtype = _NUMPY_TYPES.get(spec.type)
+        if dtype is None:
+            raise ValueError(f"input '{spec.name}' has unsupported type {spec.type}")
+        if np.issubdtype(dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[spec.name] = rng.random(shape) < 0.5
+        else:
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+@dataclass(frozen=True)
+class OutputDifference:
+    """How far a model's outputs are from a reference, over all outputs."""
+
+    max_abs: float
+    max_relative: float  # max |a - b| / max |b|, per output
+
+    def __str__(self) -> str:
+        return f"max |diff| {self.max_abs:.3g} (relative {self.max_relative:.3g})"
+
+
+def compare_outputs(reference: list[np.ndarray], other: list[np.ndarray]) -> OutputDifference:
+    max_abs = max_rel = 0.0
+    for ref, out in zip(reference, other):
+        ref, out = np.asarray(ref, dtype=np.float64), np.asarray(out, dtype=np.float64)
+        diff = float(np.abs(ref - out).max()) if ref.size else 0.0
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / scale if scale > 0 else diff)
+    return OutputDifference(max_abs, max_rel)
+
+
+@dataclass(frozen=True)
+class Latency:
+    dense_ms: float
+    pruned_ms: float
+    repeats: int
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.pruned_ms if self.pruned_ms > 0 else float("inf")
+
+
+def paired_latency(
+    dense: ort.InferenceSession,
+    pruned: ort.InferenceSession,
+    feeds: dict[str, np.ndarray],
+    repeats: int = 20,
+    warmup: int = 3,
+    progress: bool = False,
+) -> Latency:
+    """Median wall time of each model, runs interleaved in this process."""
+    for _ in range(warmup):
+        dense.run(None, feeds)
+        pruned.run(None, feeds)
+    times = {0: [], 1: []}
+    for _ in tqdm(range(repeats), desc="latency", unit="pair", disable=not progress, leave=False):
+        for key, sess in ((0, dense), (1, pruned)):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            times[key].append(time.perf_counter() - start)
+    return Latency(1000 * float(np.median(times[0])), 1000 * float(np.median(times[1])), repeats)

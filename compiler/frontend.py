@@ -1,0 +1,212 @@
+"""Frontends: everything a user can hand to pcc becomes one `onnx_ir.Model`.
+
+Three ways in: an ONNX file (external data next to it is read), a PyTorch `nn.Module` with example
+inputs, and a `torch.fx.GraphModule`. The PyTorch paths go through `torch.onnx.export(dynamo=True)`,
+which keeps parameter names as initializer names, so a pruned initializer can be traced back to the
+module attribute it came from.
+
+Import also normalises what every later pass would otherwise have to special-case: opsets older than
+`CANONICAL_OPSET` are converted up (attributes such as Split sizes and Squeeze axes became inputs in
+opset 13), initializers listed as graph inputs (old exporters did that) stop being inputs, and every value
+gets a name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx.version_converter
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from google.protobuf.message import DecodeError
+
+from pcc.compiler.errors import ModelLoadError, PccError, UnsupportedModelError
+
+__all__ = [
+    "CANONICAL_OPSET",
+    "MAX_OPSET",
+    "load_onnx",
+    "from_proto",
+    "from_torch",
+    "from_fx",
+]
+
+# Oldest default-domain opset the channel rules read natively; older models are converted up to it.
+CANONICAL_OPSET = 13
+# Newest default-domain opset pcc's rules were written against.
+MAX_OPSET = 23
+# Older than this, onnx's version converter has no adapters worth trusting.
+MIN_OPSET = 7
+
+
+def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
+    """Read an ONNX file (and its external data) into the IR, or raise `ModelLoadError`.
+
+    The file is only read, never written: pcc must leave its input byte-identical.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
+    if path.suffix.lower() != ".onnx":
+        raise ModelLoadError(f"{path}: expected an ONNX model file ending in .onnx")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: file is empty")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX model (truncated or corrupt: {_first_line(exc)})") from None
+    _check_looks_like_onnx(proto, path)
+    _load_external_data(proto, path)
+    return from_proto(proto, source=str(path))
+
+
+def from_proto(proto: onnx.ModelProto, source: str = "<model>") -> ir.Model:
+    """Validate an in-memory `ModelProto`, convert old opsets, and return the normalised IR."""
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ModelLoadError(f"{source}: invalid ONNX model: {_first_line(exc)}") from None
+    proto = _convert_opset(proto, source)
+    return _normalise(ir.serde.deserialize_model(proto))
+
+
+def from_torch(
+    module: Any,
+    example_inputs: Sequence[Any],
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    opset_version: int | None = None,
+) -> ir.Model:
+    """Export a PyTorch `nn.Module` with `torch.onnx.export(dynamo=True)` and return the IR.
+
+    The module is exported in eval mode with the example inputs' static shapes; initializer names are
+    the module's parameter names (e.g. ``layer1.0.conv1.weight``).
+    """
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise PccError(f"from_torch expects a torch.nn.Module, got {type(module).__name__}")
+    was_training = module.training
+    module.eval()
+    try:
+        program = torch.onnx.export(
+            module,
+            tuple(example_inputs),
+            dynamo=True,
+            input_names=list(input_names) if input_names else None,
+            output_names=list(output_names) if output_names else None,
+            opset_version=opset_version,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many unrelated types; all mean "cannot export"
+        raise UnsupportedModelError(f"torch.onnx.export failed: {_first_line(exc)}") from None
+    finally:
+        module.train(was_training)
+    return from_proto(ir.serde.serialize_model(program.model), source=type(module).__name__)
+
+
+def from_fx(graph_module: Any, example_inputs: Sequence[Any], **kwargs: Any) -> ir.Model:
+    """Import a `torch.fx.GraphModule` (it is an `nn.Module`, so it exports like one)."""
+    import torch.fx
+
+    if not isinstance(graph_module, torch.fx.GraphModule):
+        raise PccError(f"from_fx expects a torch.fx.GraphModule, got {type(graph_module).__name__}")
+    return from_torch(graph_module, example_inputs, **kwargs)
+
+
+def _check_looks_like_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    # Random bytes sometimes parse as a protobuf message; a real model has an IR version, an opset and
+    # a graph with at least one output.
+    if proto.ir_version <= 0 or not proto.opset_import or not proto.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no IR version, opset or graph outputs)")
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    if not any(uses_external_data(t) for t in _all_tensors(proto)):
+        return
+    try:
+        load_external_data_for_model(proto, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: external data could not be read ({_first_line(exc)})") from None
+    for tensor in _all_tensors(proto):
+        expected = _expected_nbytes(tensor)
+        if expected is not None and len(tensor.raw_data) != expected:
+            raise ModelLoadError(
+                f"{path}: external data of tensor '{tensor.name}' is truncated "
+                f"({len(tensor.raw_data)} of {expected} bytes)"
+            )
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes of every graph, subgraphs included."""
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    if not tensor.HasField("raw_data"):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * itemsize
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise UnsupportedModelError("model imports no default-domain (ai.onnx) opset")
+
+
+def _convert_opset(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    version = _default_opset(proto)
+    if version < MIN_OPSET or version > MAX_OPSET:
+        raise UnsupportedModelError(
+            f"{source}: unsupported opset {version} (pcc handles opsets {MIN_OPSET}..{MAX_OPSET})"
+        )
+    if version >= CANONICAL_OPSET:
+        return proto
+    try:
+        converted = onnx.version_converter.convert_version(proto, CANONICAL_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors and IndexErrors alike
+        raise UnsupportedModelError(
+            f"{source}: cannot convert opset {version} to {CANONICAL_OPSET}: {_first_line(exc)}"
+        ) from None
+    return converted
+
+
+def _normalise(model: ir.Model) -> ir.Model:
+    # Weights listed as graph inputs could be overridden by a caller, which would forbid pruning them;
+    # modern exporters never do this, so treat them as the constants they are.
+    common_passes.RemoveInitializersFromInputsPass()(model)
+    common_passes.NameFixPass()(model)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,180 @@
+"""The pass manager: a pipeline is a plain, editable list of `onnx_ir` passes.
+
+Users build one with `channel_pruning_pipeline(...)` or by hand, print it, reorder or extend it like a
+list, and run it. Running times every pass and keeps every analysis result a pass produced (even ones
+a later transform invalidated on the model), so groups, importance and the allocation can be
+inspected after the fact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from tqdm.auto import tqdm
+
+from pcc.compiler.errors import InvalidRequestError, PccError
+from pcc.passes.allocation import ALLOCATORS
+from pcc.passes.analysis.cost import MeasureCost
+from pcc.passes.analysis.dependency_groups import BuildDependencyGroups
+from pcc.passes.analysis.importance import CRITERIA, REDUCTIONS, ScoreImportance
+from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
+from pcc.passes.transforms.fold_constants import FoldConstants
+from pcc.passes.transforms.prune_channels import PruneChannels
+
+__all__ = [
+    "Pipeline",
+    "PipelineResult",
+    "PassTiming",
+    "describe_pass",
+    "preparation_passes",
+    "analysis_pipeline",
+    "channel_pruning_pipeline",
+]
+
+R = TypeVar("R")
+
+
+def describe_pass(pass_: ir.passes.PassBase) -> str:
+    """`Name(arg=value, ...)` for pcc's dataclass passes, `Name()` for others."""
+    if dataclasses.is_dataclass(pass_):
+        return repr(pass_)
+    return f"{type(pass_).__name__}()"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassTiming:
+    name: str
+    seconds: float
+    modified: bool
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    model: ir.Model
+    timings: list[PassTiming]
+    results: dict[str, object]  # every analysis result produced, by its META_KEY
+
+    def get(self, result_type: type[R]) -> R | None:
+        """The last result of this type any pass produced, or None."""
+        return self.results.get(result_type.META_KEY)  # type: ignore[attr-defined,return-value]
+
+    def seconds(self, *pass_types: type) -> float:
+        names = {t.__name__ for t in pass_types}
+        return sum(t.seconds for t in self.timings if t.name.split("(")[0] in names)
+
+    def timing_table(self) -> str:
+        width = max((len(t.name) for t in self.timings), default=10)
+        lines = [f"  {t.name:<{width}}  {1000 * t.seconds:9.1f} ms" for t in self.timings]
+        total = sum(t.seconds for t in self.timings)
+        return "\n".join(lines + [f"  {'total':<{width}}  {1000 * total:9.1f} ms"])
+
+
+class Pipeline:
+    """An ordered list of passes; behaves like a list (`append`, `insert`, indexing, `del`...)."""
+
+    def __init__(self, passes: Iterable[ir.passes.PassBase] = ()) -> None:
+        self.passes: list[ir.passes.PassBase] = list(passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __iter__(self) -> Iterator[ir.passes.PassBase]:
+        return iter(self.passes)
+
+    def __getitem__(self, index):
+        return self.passes[index]
+
+    def __setitem__(self, index, pass_) -> None:
+        self.passes[index] = pass_
+
+    def __delitem__(self, index) -> None:
+        del self.passes[index]
+
+    def append(self, pass_: ir.passes.PassBase) -> None:
+        self.passes.append(pass_)
+
+    def insert(self, index: int, pass_: ir.passes.PassBase) -> None:
+        self.passes.insert(index, pass_)
+
+    def index(self, pass_type: type) -> int:
+        """Position of the first pass of this type."""
+        for position, pass_ in enumerate(self.passes):
+            if isinstance(pass_, pass_type):
+                return position
+        raise ValueError(f"no {pass_type.__name__} in the pipeline")
+
+    def __repr__(self) -> str:
+        body = "\n".join(f"  {i:2d}. {describe_pass(p)}" for i, p in enumerate(self.passes))
+        return f"Pipeline(\n{body}\n)"
+
+    def run(self, model: ir.Model, *, progress: bool = False) -> PipelineResult:
+        """Run every pass in order on `model` (in place) and time each one."""
+        timings: list[PassTiming] = []
+        results: dict[str, object] = {}
+        bar = tqdm(self.passes, desc="pcc", unit="pass", disable=not progress, leave=False)
+        for pass_ in bar:
+            name = describe_pass(pass_)
+            bar.set_postfix_str(type(pass_).__name__)
+            start = time.perf_counter()
+            try:
+                outcome = pass_(model)
+            except ir.passes.PreconditionError as exc:
+                # onnx_ir wraps errors raised in `requires`; a user-facing one must stay user-facing
+                if isinstance(exc.__cause__, PccError):
+                    raise exc.__cause__ from None
+                raise
+            timings.append(PassTiming(name, time.perf_counter() - start, outcome.modified))
+            model = outcome.model
+            results.update((k, v) for k, v in model.meta.items() if k.startswith("pcc."))
+        return PipelineResult(model, timings, results)
+
+
+def preparation_passes() -> list[ir.passes.PassBase]:
+    """Make the imported graph analysable: real weight tensors, shapes, shuffles as Gathers."""
+    return [
+        FoldConstants(),
+        common_passes.ShapeInferencePass(strict_mode=False),
+        ChannelShuffleToGather(),
+        common_passes.TopologicalSortPass(),
+    ]
+
+
+def analysis_pipeline(round_to: int = 1) -> Pipeline:
+    """Preparation and dependency groups only: what `pcc inspect` runs."""
+    return Pipeline([*preparation_passes(), BuildDependencyGroups(round_to=round_to)])
+
+
+def channel_pruning_pipeline(
+    sparsity: float,
+    *,
+    importance: str = "l2",
+    reduction: str = "mean",
+    allocator: str = "uniform",
+    round_to: int = 1,
+    seed: int = 0,
+) -> Pipeline:
+    """The default `pcc compile` pipeline: prepare, group, score, allocate, prune, measure."""
+    if allocator not in ALLOCATORS:
+        raise InvalidRequestError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATORS)}")
+    if importance not in CRITERIA:
+        raise InvalidRequestError(f"unknown importance {importance!r}; choose from {', '.join(CRITERIA)}")
+    if reduction not in REDUCTIONS:
+        raise InvalidRequestError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
+    if round_to < 1:
+        raise InvalidRequestError(f"--round-to must be a positive integer, got {round_to}")
+    return Pipeline(
+        [
+            *preparation_passes(),
+            MeasureCost("before"),
+            BuildDependencyGroups(round_to=round_to),
+            ScoreImportance(criterion=importance, reduction=reduction, seed=seed),
+            ALLOCATORS[allocator](sparsity=sparsity),
+            PruneChannels(),
+            MeasureCost("after"),
+        ]
+    )

@@ -1,0 +1,220 @@
+"""What every allocator shares: the `Allocation` result, an exact parameter-cost model, and the rules
+that turn "keep k units of this group" into a removal mask that is always valid.
+
+`--sparsity S` is a fraction of the *prunable parameters* (weights with at least one prunable axis) to
+remove. Removing a channel shrinks a convolution on both sides, so parameters fall faster than channels;
+allocators therefore search for the channel ratio (or global threshold) whose exact parameter count
+meets S, and report what was achieved, or the most that is reachable.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from pcc.compiler.errors import InvalidRequestError
+from pcc.passes.analysis.dependency_groups import DependencyGroup, DependencyGroups, is_parameter
+from pcc.passes.analysis.importance import Importance
+from pcc.passes.results import fetch, store
+
+__all__ = [
+    "Allocation",
+    "AllocatorPass",
+    "ParamCost",
+    "check_sparsity",
+    "RemovalPlanner",
+    "rounded_keep",
+    "search_monotone",
+]
+
+
+@dataclass
+class Allocation:
+    """Which units go: the decision `PruneChannels` carries out."""
+
+    META_KEY = "pcc.allocation"
+    PRODUCED_BY = "an allocator pass (AllocateUniform, AllocateGlobal)"
+
+    method: str
+    target: float  # requested fraction of prunable parameters to remove
+    removed: np.ndarray  # bool per unit
+    keep_units: np.ndarray  # kept units per group
+    params_before: int  # prunable parameters
+    params_after: int  # predicted prunable parameters left
+    reachable: float  # the largest fraction this allocator can remove
+
+    @property
+    def achieved(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def met_target(self) -> bool:
+        return abs(self.achieved - self.target) <= 0.03 or self.achieved >= self.reachable - 1e-9
+
+    def summary(self) -> str:
+        line = (
+            f"{self.method}: removes {100 * self.achieved:.1f}% of prunable params "
+            f"(target {100 * self.target:.1f}%)"
+        )
+        if self.target > self.reachable + 1e-9:
+            line += f"; best reachable is {100 * self.reachable:.1f}%"
+        return line
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
+        raise InvalidRequestError(f"--sparsity must be in [0, 1), got {sparsity}")
+
+
+class ParamCost:
+    """Exact count of prunable weight elements left after removing a set of units.
+
+    A weight's size is the product of its axes' lengths; an axis holding units loses one element per
+    removed unit element. Vectorised so allocators can evaluate thousands of candidates.
+    """
+
+    def __init__(self, model: ir.Model, groups: DependencyGroups) -> None:
+        axes_units: list[np.ndarray] = []
+        axis_sizes: list[int] = []
+        axis_owner: list[int] = []
+        fixed: list[int] = []
+        for value in model.graph.initializers.values():
+            if not is_parameter(value):
+                continue
+            spaces = [groups.space_id(value.name, a) for a in range(len(value.const_value.shape))]
+            prunable = [s for s in spaces if s is not None and s in groups.space_units]
+            if not prunable:
+                continue
+            tensor = len(fixed)
+            product = 1
+            for axis, size in enumerate(value.const_value.shape):
+                space = spaces[axis]
+                if space is not None and space in groups.space_units:
+                    axes_units.append(groups.space_units[space])
+                    axis_sizes.append(size)
+                    axis_owner.append(tensor)
+                else:
+                    product *= size
+            fixed.append(product)
+        self._fixed = np.asarray(fixed, dtype=np.int64)
+        self._sizes = np.asarray(axis_sizes, dtype=np.int64)
+        self._owner = np.asarray(axis_owner, dtype=np.int64)
+        lengths = [len(u) for u in axes_units]
+        self._entry = np.repeat(np.arange(len(axes_units)), lengths)
+        flat = np.concatenate(axes_units) if axes_units else np.empty(0, np.int64)
+        self._valid = flat >= 0
+        self._units = np.maximum(flat, 0)
+        self._starts = np.searchsorted(self._owner, np.arange(len(fixed)))
+        self.total = self.remaining(np.zeros(groups.num_units, dtype=bool))
+
+    def remaining(self, removed: np.ndarray) -> int:
+        gone = np.bincount(
+            self._entry, weights=(removed[self._units] & self._valid), minlength=len(self._sizes)
+        ).astype(np.int64)
+        kept = self._sizes - gone
+        if not len(kept):
+            return 0
+        per_tensor = np.multiply.reduceat(kept, self._starts) * self._fixed
+        return int(per_tensor.sum())
+
+    def removed_fraction(self, removed: np.ndarray) -> float:
+        return 1.0 - self.remaining(removed) / self.total if self.total else 0.0
+
+
+def rounded_keep(group: DependencyGroup, keep: float) -> int:
+    """Kept units: nearest multiple of the group's unit multiple, never below its minimum."""
+    multiple = group.unit_multiple
+    rounded = int(math.floor(keep / multiple + 0.5)) * multiple
+    return int(min(max(rounded, group.min_units), group.num_units))
+
+
+class RemovalPlanner:
+    """Turns kept-unit counts per group into a valid removal mask, fast enough to search over.
+
+    Within each group the lowest-scoring units go first. An axis can hold only some of a group's units
+    (one output of a Split, say); if all of them would go, the axis would have zero width, so its
+    best-scoring unit is put back.
+    """
+
+    def __init__(self, groups: DependencyGroups, scores: np.ndarray) -> None:
+        self.groups = groups
+        self.scores = scores
+        self.group_of_unit = groups.unit_group()
+        self.rank_in_group = np.empty(groups.num_units, dtype=np.int64)
+        for group in groups.groups:
+            order = np.argsort(scores[group.units], kind="stable")
+            self.rank_in_group[group.unit_start + order] = np.arange(group.num_units)
+        # axes made only of units: the ones that could become empty
+        exposed = [units for units in groups.space_units.values() if not (units < 0).any()]
+        self._exposed = np.concatenate(exposed) if exposed else np.empty(0, np.int64)
+        self._exposed_starts = np.cumsum([0] + [len(u) for u in exposed[:-1]]) if exposed else np.empty(0, np.int64)
+        self._exposed_list = exposed
+
+    def mask(self, keep: np.ndarray) -> np.ndarray:
+        sizes = np.asarray([g.num_units for g in self.groups.groups], dtype=np.int64)
+        drop = (sizes - np.asarray(keep, dtype=np.int64))[self.group_of_unit] if len(sizes) else np.empty(0, np.int64)
+        removed = self.rank_in_group < drop
+        if len(self._exposed):
+            emptied = np.logical_and.reduceat(removed[self._exposed], self._exposed_starts)
+            for index in np.flatnonzero(emptied):
+                candidates = np.unique(self._exposed_list[index])
+                removed[candidates[np.argmax(self.scores[candidates])]] = False
+        return removed
+
+
+def search_monotone(fraction_at: Callable[[float], float], target: float, lo: float, hi: float, steps: int = 40) -> float:
+    """The x in [lo, hi] whose non-decreasing step function value is closest to `target`."""
+    best_x, best_gap = lo, abs(fraction_at(lo) - target)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        value = fraction_at(mid)
+        if abs(value - target) < best_gap:
+            best_x, best_gap = mid, abs(value - target)
+        if value < target:
+            lo = mid
+        else:
+            hi = mid
+    value = fraction_at(hi)
+    if abs(value - target) < best_gap:
+        best_x = hi
+    return best_x
+
+
+@dataclass
+class AllocatorPass(ir.passes.InPlacePass):
+    """Base of allocation passes: reads groups and importance, stores an `Allocation`."""
+
+    sparsity: float = 0.5
+
+    def requires(self, model: ir.Model) -> None:
+        check_sparsity(self.sparsity)
+        fetch(model, DependencyGroups)
+        fetch(model, Importance)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        groups = fetch(model, DependencyGroups)
+        importance = fetch(model, Importance)
+        store(model, self.allocate(RemovalPlanner(groups, importance.scores), ParamCost(model, groups)))
+        return ir.passes.PassResult(model, modified=False)
+
+    @abc.abstractmethod
+    def allocate(self, planner: RemovalPlanner, cost: ParamCost) -> Allocation: ...
+
+    def _result(self, planner: RemovalPlanner, cost: ParamCost, keep: np.ndarray, reachable: float) -> Allocation:
+        groups = planner.groups
+        removed = planner.mask(keep)
+        kept = np.asarray([g.num_units - removed[g.units].sum() for g in groups.groups], dtype=np.int64)
+        return Allocation(
+            method=type(self).__name__,
+            target=self.sparsity,
+            removed=removed,
+            keep_units=kept,
+            params_before=cost.total,
+            params_after=cost.remaining(removed),
+            reachable=reachable,
+        )

@@ -1,0 +1,41 @@
+"""Global allocation: one ranking of all units across the network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pcc.passes.allocation.allocation import Allocation, AllocatorPass, ParamCost, RemovalPlanner, rounded_keep, search_monotone
+
+__all__ = ["AllocateGlobal"]
+
+
+@dataclass
+class AllocateGlobal(AllocatorPass):
+    """Remove the globally lowest-ranked units until the parameter target is met.
+
+    Raw magnitudes are not comparable across layers (fan-in differs), so each score is divided by its
+    group's mean first; groups whose units stand out less from each other lose more.
+    """
+
+    def allocate(self, planner: RemovalPlanner, cost: ParamCost) -> Allocation:
+        groups = planner.groups.groups
+        normalised = planner.scores.astype(np.float64).copy()
+        for group in groups:
+            mean = normalised[group.units].mean() if group.num_units else 0.0
+            normalised[group.units] = normalised[group.units] / mean if mean > 0 else 1.0
+        order = np.argsort(normalised, kind="stable")
+        sizes = np.asarray([g.num_units for g in groups], dtype=np.int64)
+
+        def keep_at(position: float) -> np.ndarray:
+            lowest = order[: int(round(position))]
+            dropped = np.bincount(planner.group_of_unit[lowest], minlength=len(groups))
+            return np.asarray([rounded_keep(g, n - d) for g, n, d in zip(groups, sizes, dropped)], dtype=np.int64)
+
+        def fraction_at(position: float) -> float:
+            return cost.removed_fraction(planner.mask(keep_at(position)))
+
+        count = float(len(order))
+        position = search_monotone(fraction_at, self.sparsity, 0.0, count) if self.sparsity > 0 else 0.0
+        return self._result(planner, cost, keep_at(position), reachable=fraction_at(count))

@@ -1,0 +1,41 @@
+"""Where passes leave typed results for later passes: the model's `meta` store.
+
+onnx_ir gives every model a `meta` dictionary that is never serialised; analysis passes put their
+result objects there under one key per result type, and later passes fetch them by type. A transform
+that changes the graph drops the results it invalidates, so a stale analysis can never be read.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+import onnx_ir as ir
+
+__all__ = ["AnalysisResult", "store", "fetch", "invalidate"]
+
+
+class AnalysisResult(Protocol):
+    META_KEY: str  # where the result lives in `model.meta`
+    PRODUCED_BY: str  # the pass to run to get it (for error messages)
+
+
+R = TypeVar("R", bound=AnalysisResult)
+
+
+def store(model: ir.Model, result: AnalysisResult) -> None:
+    model.meta[result.META_KEY] = result
+
+
+def fetch(model: ir.Model, result_type: type[R]) -> R:
+    """The result of an earlier pass, or `PreconditionError` naming the pass that must run first."""
+    result = model.meta.get(result_type.META_KEY)
+    if result is None:
+        raise ir.passes.PreconditionError(
+            f"{result_type.__name__} not found on the model: run {result_type.PRODUCED_BY} first"
+        )
+    return result
+
+
+def invalidate(model: ir.Model, *result_types: type[AnalysisResult]) -> None:
+    for result_type in result_types:
+        model.meta.pop(result_type.META_KEY, None)

@@ -83,11 +83,14 @@ def from_torch(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     opset_version: int | None = None,
+    optimize: bool = True,
 ) -> ir.Model:
     """Export a PyTorch `nn.Module` with `torch.onnx.export(dynamo=True)` and return the IR.
 
     The module is exported in eval mode with the example inputs' static shapes; initializer names are
-    the module's parameter names (e.g. ``layer1.0.conv1.weight``).
+    the module's parameter names (e.g. ``layer1.0.conv1.weight``). The exporter's optimizer folds
+    BatchNorm into the preceding convolution; `optimize=False` keeps BatchNormalization nodes (needed
+    by the `bn` importance criterion).
     """
     import torch
 
@@ -103,6 +106,7 @@ def from_torch(
             input_names=list(input_names) if input_names else None,
             output_names=list(output_names) if output_names else None,
             opset_version=opset_version,
+            optimize=optimize,
             verbose=False,
         )
     except Exception as exc:  # the exporter raises many unrelated types; all mean "cannot export"
@@ -135,7 +139,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
         return
     try:
         load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(f"{path}: external data could not be read ({_first_line(exc)})") from None
     for tensor in _all_tensors(proto):
         expected = _expected_nbytes(tensor)
@@ -196,6 +200,9 @@ def _convert_opset(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
         raise UnsupportedModelError(
             f"{source}: cannot convert opset {version} to {CANONICAL_OPSET}: {_first_line(exc)}"
         ) from None
+    # IR versions before 4 required every initializer to be a graph input; the converter keeps the
+    # old IR version, so raise it to the one the new opset needs.
+    converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(converted.opset_import))
     return converted
 
 

@@ -22,6 +22,7 @@ from pcc.passes.allocation import ALLOCATORS
 from pcc.passes.analysis.cost import MeasureCost
 from pcc.passes.analysis.dependency_groups import BuildDependencyGroups
 from pcc.passes.analysis.importance import CRITERIA, REDUCTIONS, ScoreImportance
+from pcc.passes.analysis.shapes import InferMissingShapes
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
 from pcc.passes.transforms.fold_constants import FoldConstants
 from pcc.passes.transforms.prune_channels import PruneChannels
@@ -139,6 +140,7 @@ def preparation_passes() -> list[ir.passes.PassBase]:
     return [
         FoldConstants(),
         common_passes.ShapeInferencePass(strict_mode=False),
+        InferMissingShapes(),
         ChannelShuffleToGather(),
         common_passes.TopologicalSortPass(),
     ]

@@ -30,6 +30,7 @@ __all__ = [
     "RewriteContext",
     "OpRule",
     "CHANNEL_RULES",
+    "SHAPE_PRESERVING_OPS",
     "rule_for",
     "reshape_factors",
 ]
@@ -616,7 +617,10 @@ def reshape_factors(in_dims: Dims, out_dims: Dims) -> list[tuple[list[int], list
     while i < len(in_dims) or j < len(out_dims):
         a = in_dims[i] if i < len(in_dims) else -1
         b = out_dims[j] if j < len(out_dims) else -1
-        if a == 1:
+        if a == 1 and b == 1:
+            runs.append(([i], [j]))
+            i, j = i + 1, j + 1
+        elif a == 1:
             runs.append(([i], []))
             i += 1
         elif b == 1:
@@ -808,6 +812,11 @@ _UNARY_OPS = (
     "Erf Exp Floor Gelu HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Log Mish Neg Not Reciprocal "
     "Relu Round Selu Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Tan Tanh ThresholdedRelu"
 ).split()
+# ops whose first output always has their first input's shape
+SHAPE_PRESERVING_OPS = frozenset(
+    [o for o in _UNARY_OPS if o not in ("Cast", "CastLike")]
+    + "BatchNormalization GroupNormalization Hardmax InstanceNormalization LayerNormalization LogSoftmax LRN Softmax".split()
+)
 _SCALING_OPS = ("Mul", "Div", "PRelu")
 _SHIFTING_OPS = ("Add", "Sub")
 _OTHER_BROADCAST_OPS = (

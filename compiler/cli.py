@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--reduction", default="mean", choices=REDUCTIONS, help="how importance is reduced over a group's layers"
     )
     compile_.add_argument("--allocator", default="uniform", choices=list(ALLOCATORS), help="how the budget is split")
-    compile_.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N")
+    compile_.add_argument(
+        "--round-to", type=int, metavar="N", help="keep channel counts multiples of N (default: the target's, 8 for onnx)"
+    )
     compile_.add_argument("--seed", type=int, default=0, help="seed for random importance and random test inputs")
     compile_.add_argument("--repeats", type=int, default=20, metavar="N", help="latency runs per model (default: 20)")
     compile_.add_argument("--report", type=Path, metavar="DIR", help="also write DIR/report.json")
@@ -104,7 +106,7 @@ def _compile(args: argparse.Namespace) -> int:
         importance=args.importance,
         reduction=args.reduction,
         allocator=args.allocator,
-        round_to=args.round_to,
+        round_to=target.preferred_round_to if args.round_to is None else args.round_to,
         seed=args.seed,
     )
     model = load_onnx(args.model)

@@ -26,6 +26,7 @@ class CompileReport:
     target: str
     allocator: str
     importance: str
+    round_to: int
     sparsity_target: float
     params_before: int  # every weight element of the model
     params_after: int
@@ -87,7 +88,8 @@ class CompileReport:
             f"  MACs       {human(self.macs_before)} -> {human(self.macs_after)}  ({self.macs_ratio:.2f}x fewer)",
             f"  latency    {self.latency_ms_before:.2f} ms -> {self.latency_ms_after:.2f} ms  "
             f"({self.speedup:.2f}x; onnxruntime CPU, median of {self.latency_repeats} interleaved runs)",
-            f"  groups     {self.groups_pruned}/{self.groups_total} pruned ({self.allocator}, {self.importance}), "
+            f"  groups     {self.groups_pruned}/{self.groups_total} pruned ({self.allocator}, {self.importance}, "
+            f"round_to {self.round_to}), "
             f"{self.units_removed} units removed",
             f"  barriers   {len(self.barriers)}" + (f": {barriers}" if barriers else ""),
             f"  outputs    vs dense on random inputs: max |diff| {self.max_abs_output_diff:.3g} "

@@ -457,12 +457,13 @@ ZOO: dict[str, ZooEntry] = {
     "yolo_neck": ZooEntry(lambda: YoloNeck(), (1, 3, 64, 64)),
     "vgg": ZooEntry(lambda: VGG(), (1, 3, 32, 32)),
     "mlp": ZooEntry(lambda: MLP(), (4, 32)),
-    # full-size architectures for benchmarks
+    # full-size architectures for the quickstart and benchmarks
+    "resnet18": ZooEntry(lambda: ResNet(BasicBlock, (2, 2, 2, 2)), (1, 3, 224, 224)),
     "resnet50": ZooEntry(lambda: ResNet(Bottleneck, (3, 4, 6, 3)), (1, 3, 224, 224)),
     "mobilenet_v2_full": ZooEntry(lambda: MobileNetV2(), (1, 3, 224, 224)),
 }
 
-TEST_MODELS = [name for name in ZOO if name not in ("resnet50", "mobilenet_v2_full")]
+TEST_MODELS = [name for name in ZOO if name not in ("resnet18", "resnet50", "mobilenet_v2_full")]
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:

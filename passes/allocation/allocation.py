@@ -127,10 +127,18 @@ class ParamCost:
 
 
 def rounded_keep(group: DependencyGroup, keep: float) -> int:
-    """Kept units: nearest multiple of the group's unit multiple, never below its minimum."""
+    """Kept units: all of them, or a multiple of the group's unit multiple, whichever is nearer `keep`.
+
+    A group whose size is not a multiple (18 channels, round_to 8) may stay whole; it is never rounded
+    below its size unless something is actually being pruned.
+    """
+    if keep >= group.num_units:
+        return group.num_units
     multiple = group.unit_multiple
-    rounded = int(math.floor(keep / multiple + 0.5)) * multiple
-    return int(min(max(rounded, group.min_units), group.num_units))
+    rounded = max(int(math.floor(keep / multiple + 0.5)) * multiple, group.min_units)
+    if rounded >= group.num_units or group.num_units - keep < abs(keep - rounded):
+        return group.num_units
+    return rounded
 
 
 class RemovalPlanner:

@@ -157,20 +157,19 @@ class RemovalPlanner:
         for group in groups.groups:
             order = np.argsort(scores[group.units], kind="stable")
             self.rank_in_group[group.unit_start + order] = np.arange(group.num_units)
+        self._sizes = np.asarray([g.num_units for g in groups.groups], dtype=np.int64)
         # axes made only of units: the ones that could become empty
-        exposed = [units for units in groups.space_units.values() if not (units < 0).any()]
-        self._exposed = np.concatenate(exposed) if exposed else np.empty(0, np.int64)
-        self._exposed_starts = np.cumsum([0] + [len(u) for u in exposed[:-1]]) if exposed else np.empty(0, np.int64)
-        self._exposed_list = exposed
+        self._exposed = [units for units in groups.space_units.values() if not (units < 0).any()]
+        self._exposed_flat = np.concatenate(self._exposed) if self._exposed else np.empty(0, np.int64)
+        self._exposed_starts = np.cumsum([0] + [len(u) for u in self._exposed])[:-1]
 
     def mask(self, keep: np.ndarray) -> np.ndarray:
-        sizes = np.asarray([g.num_units for g in self.groups.groups], dtype=np.int64)
-        drop = (sizes - np.asarray(keep, dtype=np.int64))[self.group_of_unit] if len(sizes) else np.empty(0, np.int64)
-        removed = self.rank_in_group < drop
-        if len(self._exposed):
-            emptied = np.logical_and.reduceat(removed[self._exposed], self._exposed_starts)
+        drop = self._sizes - np.asarray(keep, dtype=np.int64)
+        removed = self.rank_in_group < drop[self.group_of_unit]
+        if self._exposed:
+            emptied = np.logical_and.reduceat(removed[self._exposed_flat], self._exposed_starts)
             for index in np.flatnonzero(emptied):
-                candidates = np.unique(self._exposed_list[index])
+                candidates = np.unique(self._exposed[index])
                 removed[candidates[np.argmax(self.scores[candidates])]] = False
         return removed
 

@@ -772,31 +772,25 @@ def _rewrite_resize(ctx: RewriteContext, node: ir.Node) -> None:
         ctx.replace_input(node, 3, new_sizes)
 
 
-def _depth_to_space(ctx: ChannelContext, node: ir.Node) -> None:
-    x, y = node.inputs[0], node.outputs[0]
-    block = _attr_int(node, "blocksize", 1) ** 2
-    out_channels = ctx.shape(y)[1]
-    ctx.link(x, 0, y, 0)
-    if out_channels is None:
+def _link_channel_blocks(ctx: ChannelContext, coarse: ir.Value, fine: ir.Value, block: int, crd: bool) -> None:
+    """Each of `coarse`'s C channels is `block` channels of `fine`: at k*C + c (DCR) or c*block + k (CRD)."""
+    channels = ctx.shape(coarse)[1]
+    ctx.link(coarse, 0, fine, 0)
+    if channels is None:
         return
+    c = np.arange(channels)
+    for k in range(block):
+        ctx.link(fine, 1, coarse, 1, c * block + k if crd else k * channels + c, c)
+
+
+def _depth_to_space(ctx: ChannelContext, node: ir.Node) -> None:
     mode = node.attributes.get("mode")
     crd = mode is not None and mode.value == "CRD"
-    c = np.arange(out_channels)
-    for k in range(block):
-        source = c * block + k if crd else k * out_channels + c
-        ctx.link(x, 1, y, 1, source, c)
+    _link_channel_blocks(ctx, node.outputs[0], node.inputs[0], _attr_int(node, "blocksize", 1) ** 2, crd)
 
 
 def _space_to_depth(ctx: ChannelContext, node: ir.Node) -> None:
-    x, y = node.inputs[0], node.outputs[0]
-    block = _attr_int(node, "blocksize", 1) ** 2
-    in_channels = ctx.shape(x)[1]
-    ctx.link(x, 0, y, 0)
-    if in_channels is None:
-        return
-    c = np.arange(in_channels)
-    for k in range(block):
-        ctx.link(x, 1, y, 1, c, k * in_channels + c)
+    _link_channel_blocks(ctx, node.inputs[0], node.outputs[0], _attr_int(node, "blocksize", 1) ** 2, crd=False)
 
 
 def _shape_reader(ctx: ChannelContext, node: ir.Node) -> None:

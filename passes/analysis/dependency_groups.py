@@ -362,26 +362,27 @@ def _assemble(graph: ir.Graph, rec: _Recorder, barriers: list[Barrier], round_to
     )
     unit_roots = np.setdiff1d(param_roots, frozen_roots, assume_unique=True)
 
-    # unit id of every element, per space (only spaces that hold some unit are kept)
+    # unit id of every element (-1: not prunable); only spaces that hold some unit are kept
+    unit_of_root = np.full(rec.num_elements, -1, dtype=np.int64)
+    unit_of_root[unit_roots] = np.arange(len(unit_roots))
+    unit_of_element = unit_of_root[labels]
     space_units: dict[int, np.ndarray] = {}
     for space in range(len(rec.space_values)):
-        roots = labels[_span(rec, space)]
-        pos = np.searchsorted(unit_roots, roots)
-        pos_clipped = np.minimum(pos, max(len(unit_roots) - 1, 0))
-        hit = (pos < len(unit_roots)) & (unit_roots[pos_clipped] == roots) if len(unit_roots) else np.zeros(len(roots), bool)
-        if hit.any():
-            space_units[space] = np.where(hit, pos, -1)
+        units = unit_of_element[_span(rec, space)]
+        if (units >= 0).any():
+            space_units[space] = units
 
+    # renumber units so that each group's units are contiguous
     group_of_unit = _group_units(len(unit_roots), space_units, rec)
     order = np.argsort(group_of_unit, kind="stable")
     new_id = np.empty_like(order)
     new_id[order] = np.arange(len(order))
     for space, units in space_units.items():
         space_units[space] = np.where(units >= 0, new_id[np.maximum(units, 0)], -1)
-    sorted_groups = group_of_unit[order]
 
-    normalised_units = _units_of(labels, rec.normalised_ids, unit_roots, new_id)
-    groups = _describe_groups(sorted_groups, space_units, rec, normalised_units, round_to)
+    normalised = unit_of_element[np.concatenate(rec.normalised_ids)] if rec.normalised_ids else np.empty(0, np.int64)
+    normalised_units = new_id[np.unique(normalised[normalised >= 0])]
+    groups = _describe_groups(group_of_unit[order], space_units, rec, normalised_units, round_to)
 
     spaces = [
         ChannelSpace(
@@ -438,16 +439,6 @@ def _group_units(num_units: int, space_units: dict[int, np.ndarray], rec: _Recor
     )
     _, dense = np.unique(labels, return_inverse=True)
     return dense
-
-
-def _units_of(labels, element_ids: list[np.ndarray], unit_roots: np.ndarray, new_id: np.ndarray) -> np.ndarray:
-    if not element_ids or not len(unit_roots):
-        return np.empty(0, np.int64)
-    roots = np.unique(labels[np.concatenate(element_ids)])
-    pos = np.searchsorted(unit_roots, roots)
-    pos = pos[pos < len(unit_roots)]
-    hit = pos[np.isin(unit_roots[pos], roots)]
-    return new_id[hit]
 
 
 def _describe_groups(

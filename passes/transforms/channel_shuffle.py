@@ -5,7 +5,7 @@ forces every group to keep the same channels (removing channel i of one group ne
 other group), which ties all of a ShuffleNet stage together. The same permutation as a Gather with
 constant indices lets any channel go: the Gather's indices are simply rewritten after pruning. The
 rewrite is exact (a Gather copies the same elements a transpose would) and only fires when the
-three nodes together permute a single axis and leave every other axis alone.
+three nodes together permute a single axis and leave every other axis alone; a dynamic batch is fine.
 """
 
 from __future__ import annotations
@@ -22,10 +22,16 @@ from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase, RewriteRuleS
 __all__ = ["ChannelShuffleToGather", "single_axis_permutation"]
 
 
-def _static(shape: ir.Shape | None) -> tuple[int, ...] | None:
-    if shape is None or not all(isinstance(d, int) for d in shape):
+def _dims(shape: ir.Shape | None) -> list[int | str] | None:
+    """Static sizes, with named symbolic dims kept as their names; None if any dim is unknown."""
+    if shape is None:
         return None
-    return tuple(shape)
+    dims = [d if isinstance(d, int) else d.value for d in shape]
+    return None if any(d is None for d in dims) else dims
+
+
+def _substitute(dims: list[int | str], size: int) -> tuple[int, ...]:
+    return tuple(size if isinstance(d, str) else d for d in dims)
 
 
 def single_axis_permutation(
@@ -56,12 +62,19 @@ def _varies(moved: np.ndarray, positions: np.ndarray, axis: int) -> bool:
 
 
 def _match(x: ir.Value, grouped: ir.Value, swapped: ir.Value, merged: ir.Value) -> tuple[int, np.ndarray] | None:
-    shapes = [_static(v.shape) for v in (x, grouped, merged)]
+    shapes = [_dims(v.shape) for v in (x, grouped, merged)]
     if any(s is None for s in shapes):
         return None
     perm_attr = swapped.producer().attributes.get("perm")
     perm = list(perm_attr.value) if perm_attr is not None else list(reversed(range(len(shapes[1]))))
-    return single_axis_permutation(shapes[0], shapes[1], perm, shapes[2])
+    # A named symbolic dim (a dynamic batch) is solved for with two different sizes: if it took part in
+    # the permutation, the two answers would differ.
+    found = [single_axis_permutation(*[_substitute(s, size) for s in shapes[:2]], perm, _substitute(shapes[2], size)) for size in (2, 3)]
+    if found[0] is None or found[1] is None:
+        return None
+    if found[0][0] != found[1][0] or not np.array_equal(found[0][1], found[1][1]):
+        return None
+    return found[0]
 
 
 class _ShuffleRule(RewriteRuleClassBase):

@@ -90,3 +90,25 @@ def test_every_family_has_prunable_groups_and_no_barriers(zoo_cache):
         assert not groups.barriers, f"{name}: {groups.barriers}"
         assert sum(g.prunable for g in groups.groups) >= 2, name
         assert groups.prunable_fraction > 0.9, f"{name}: only {groups.prunable_fraction:.2f} prunable"
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2", "vgg", "convnext"])
+def test_dynamic_batch_exports_prune_fully_and_run_at_any_batch(name):
+    """Exported with a symbolic batch: shuffles still become Gathers, and the result takes any batch."""
+    import torch
+
+    from pcc.compiler.frontend import from_proto
+
+    module, example = zoo.build(name)
+    program = torch.onnx.export(
+        module, (torch.cat([example, example]),), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False
+    )
+    model = from_proto(ir.serde.serialize_model(program.model))
+    result = channel_pruning_pipeline(0.5).run(model)
+    groups = result.get(DependencyGroups)
+    assert groups.prunable_fraction > 0.99 and abs(result.get(Allocation).achieved - 0.5) <= 0.03
+    proto = ir.serde.serialize_model(result.model)
+    onnx.checker.check_model(proto, full_check=True)
+    for batch in (1, 3):
+        feeds = {result.model.graph.inputs[0].name: np.repeat(example.numpy(), batch, axis=0)}
+        assert run_onnx(proto, feeds)[0].shape[0] == batch

@@ -13,6 +13,7 @@ gets a name.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -63,15 +64,14 @@ def load_onnx(path: str | os.PathLike[str]) -> ir.Model:
         raise ModelLoadError(f"{path}: not a valid ONNX model (truncated or corrupt: {_first_line(exc)})") from None
     _check_looks_like_onnx(proto, path)
     _load_external_data(proto, path)
-    return from_proto(proto, source=str(path))
+    _check(str(path), str(path))  # by path: works past protobuf's 2 GB limit
+    return from_proto(proto, source=str(path), check=False)
 
 
-def from_proto(proto: onnx.ModelProto, source: str = "<model>") -> ir.Model:
+def from_proto(proto: onnx.ModelProto, source: str = "<model>", check: bool = True) -> ir.Model:
     """Validate an in-memory `ModelProto`, convert old opsets, and return the normalised IR."""
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
-        raise ModelLoadError(f"{source}: invalid ONNX model: {_first_line(exc)}") from None
+    if check:
+        _check(proto, source)
     proto = _convert_opset(proto, source)
     return _normalise(ir.serde.deserialize_model(proto))
 
@@ -125,6 +125,13 @@ def from_fx(graph_module: Any, example_inputs: Sequence[Any], **kwargs: Any) -> 
     return from_torch(graph_module, example_inputs, **kwargs)
 
 
+def _check(model: onnx.ModelProto | str, source: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelLoadError(f"{source}: invalid ONNX model: {_first_line(exc)}") from None
+
+
 def _check_looks_like_onnx(proto: onnx.ModelProto, path: Path) -> None:
     # Random bytes sometimes parse as a protobuf message; a real model has an IR version, an opset and
     # a graph with at least one output.
@@ -173,10 +180,7 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, TypeError, ValueError):
         return None
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    return count * itemsize
+    return math.prod(tensor.dims) * itemsize
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:

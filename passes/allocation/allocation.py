@@ -83,13 +83,13 @@ class ParamCost:
         axis_sizes: list[int] = []
         axis_owner: list[int] = []
         fixed: list[int] = []
+        can_lose = groups.prunable_units()
         for value in model.graph.initializers.values():
             if not is_parameter(value):
                 continue
             spaces = [groups.space_id(value.name, a) for a in range(len(value.const_value.shape))]
-            prunable = [s for s in spaces if s is not None and s in groups.space_units]
-            if not prunable:
-                continue
+            if not any(s in groups.space_units and can_lose[_valid(groups.space_units[s])].any() for s in spaces):
+                continue  # this weight can never shrink: it is not part of the budget
             tensor = len(fixed)
             product = 1
             for axis, size in enumerate(value.const_value.shape):
@@ -124,6 +124,10 @@ class ParamCost:
 
     def removed_fraction(self, removed: np.ndarray) -> float:
         return 1.0 - self.remaining(removed) / self.total if self.total else 0.0
+
+
+def _valid(units: np.ndarray) -> np.ndarray:
+    return units[units >= 0]
 
 
 def rounded_keep(group: DependencyGroup, keep: float) -> int:

@@ -122,6 +122,13 @@ class DependencyGroups:
     def prunable_fraction(self) -> float:
         return self.prunable_params / self.total_params if self.total_params else 0.0
 
+    def prunable_units(self) -> np.ndarray:
+        """Whether each unit belongs to a group that can lose units at all."""
+        mask = np.zeros(self.num_units, dtype=bool)
+        for group in self.groups:
+            mask[group.units] = group.prunable
+        return mask
+
     def unit_group(self) -> np.ndarray:
         """Group index of every unit."""
         owner = np.empty(self.num_units, dtype=np.int64)
@@ -394,7 +401,7 @@ def _assemble(graph: ir.Graph, rec: _Recorder, barriers: list[Barrier], round_to
         )
         for s in range(len(rec.space_values))
     ]
-    total, prunable = _count_params(graph, rec, space_units)
+    total, prunable = _count_params(graph, rec, space_units, groups)
     return DependencyGroups(
         spaces=spaces,
         space_units=space_units,
@@ -488,9 +495,18 @@ def _describe_groups(
     return groups
 
 
-def _count_params(graph: ir.Graph, rec: _Recorder, space_units: dict[int, np.ndarray]) -> tuple[int, int]:
-    """All weight elements, and those of weights with at least one prunable axis."""
-    prunable_values = {rec.space_values[s] for s in space_units if is_parameter(rec.space_values[s])}
+def _count_params(
+    graph: ir.Graph, rec: _Recorder, space_units: dict[int, np.ndarray], groups: list[DependencyGroup]
+) -> tuple[int, int]:
+    """All weight elements, and those of weights with an axis that can actually lose units."""
+    can_lose = np.zeros(sum(g.num_units for g in groups), dtype=bool)
+    for group in groups:
+        can_lose[group.units] = group.prunable
+    prunable_values = {
+        rec.space_values[s]
+        for s, units in space_units.items()
+        if is_parameter(rec.space_values[s]) and can_lose[units[units >= 0]].any()
+    }
     total = prunable = 0
     for value in graph.initializers.values():
         if is_parameter(value):

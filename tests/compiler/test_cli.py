@@ -53,10 +53,10 @@ def test_compile_prunes_and_reports(tmp_path, zoo_cache):
     assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
     assert abs(report["prunable_removed"] - 0.5) <= 0.03
     assert "params" in done.stdout and "latency" in done.stdout and "BuildDependencyGroups" in done.stdout
-    # round_to 4: every pruned conv keeps a multiple of 4 output channels (or all of them)
-    for init in onnx.load(str(out)).graph.initializer:
-        if init.name.endswith("weight") and len(init.dims) == 4 and init.dims[0] not in (8, 16, 32, 64, 128):
-            assert init.dims[0] % 4 == 0, (init.name, init.dims)
+    # round_to 4 (every width in this model is a multiple of 4): every conv keeps a multiple of 4 outputs
+    conv_weights = [i for i in onnx.load(str(out)).graph.initializer if len(i.dims) == 4]
+    assert conv_weights and all(w.dims[0] % 4 == 0 for w in conv_weights)
+    assert any(w.dims[0] not in (8, 16, 32, 64, 128) for w in conv_weights), "some width must have been pruned"
 
 
 @pytest.mark.parametrize(

@@ -3,20 +3,32 @@
     from pcc.compiler import load_onnx, channel_pruning_pipeline
     model = load_onnx("resnet.onnx")
     result = channel_pruning_pipeline(sparsity=0.5).run(model)
+
+The names below load on first use: passes import `pcc.compiler.errors`, and an eager import of the
+pipeline here would import those passes back while they are still half-initialised.
 """
 
-from pcc.compiler.errors import PccError
-from pcc.compiler.frontend import from_fx, from_proto, from_torch, load_onnx
-from pcc.compiler.pipeline import Pipeline, PipelineResult, analysis_pipeline, channel_pruning_pipeline
+from __future__ import annotations
 
-__all__ = [
-    "PccError",
-    "Pipeline",
-    "PipelineResult",
-    "analysis_pipeline",
-    "channel_pruning_pipeline",
-    "from_fx",
-    "from_proto",
-    "from_torch",
-    "load_onnx",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PccError": "pcc.compiler.errors",
+    "load_onnx": "pcc.compiler.frontend",
+    "from_proto": "pcc.compiler.frontend",
+    "from_torch": "pcc.compiler.frontend",
+    "from_fx": "pcc.compiler.frontend",
+    "Pipeline": "pcc.compiler.pipeline",
+    "PipelineResult": "pcc.compiler.pipeline",
+    "analysis_pipeline": "pcc.compiler.pipeline",
+    "channel_pruning_pipeline": "pcc.compiler.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pcc.compiler' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

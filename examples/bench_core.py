@@ -1,12 +1,12 @@
 """Benchmark of the core pipeline on full-size CNNs: how fast pcc is, and how much faster its output is.
 
-For a ResNet-50-size and a MobileNetV2-size model (random weights, 224x224, batch 1) at a given
+For a ResNet-50-size and a MobileNetV2-size model (random weights, 224x224, batch 1 by default) at a given
 sparsity, prints: analysis time (preparation, groups, importance, allocation), pruning time, params and
 MACs ratios, and the onnxruntime latency of dense vs pruned measured in this process, interleaved,
 median of --repeats runs each. Targets (issue 3): analysis + pruning <= 5 s for ResNet-50; measured
 speed-up >= 0.8 x the MACs ratio.
 
-    python examples/bench_core.py [--sparsity 0.5] [--repeats 30] [--round-to 8] [--models resnet50 ...]
+    python examples/bench_core.py [--sparsity 0.5] [--repeats 30] [--round-to 8] [--batch 1] [--models resnet50 ...]
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from pcc.passes.transforms import PruneChannels  # noqa: E402
 MODELS = {"resnet50": "ResNet-50", "mobilenet_v2_full": "MobileNetV2"}
 
 
-def bench(name: str, sparsity: float, repeats: int, round_to: int, allocator: str, workdir: Path) -> dict:
+def bench(name: str, sparsity: float, repeats: int, round_to: int, allocator: str, batch: int, workdir: Path) -> dict:
     module, example = zoo.build(name)
+    example = example.repeat(batch, 1, 1, 1)
     source = workdir / f"{name}.onnx"
     start = time.perf_counter()
     ir.save(from_torch(module, (example,)), source)
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--allocator", default="uniform")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -79,10 +81,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             print(f"[bench] {MODELS[name]}: exporting, pruning, timing ({args.repeats} interleaved runs each)...", flush=True)
-            rows.append(bench(name, args.sparsity, args.repeats, args.round_to, args.allocator, Path(tmp)))
+            rows.append(bench(name, args.sparsity, args.repeats, args.round_to, args.allocator, args.batch, Path(tmp)))
 
     print(f"\npcc core benchmark: sparsity {args.sparsity} ({args.allocator}, l2, round_to {args.round_to}), "
-          "batch 1, 224x224, onnxruntime CPU")
+          f"batch {args.batch}, 224x224, onnxruntime CPU")
     header = f"{'model':12s} {'load s':>7s} {'analysis s':>10s} {'prune s':>8s} {'params':>17s} {'MACs ratio':>10s} " \
              f"{'dense ms':>9s} {'pruned ms':>9s} {'speed-up':>8s} {'speed-up/MACs':>13s}"
     print(header)

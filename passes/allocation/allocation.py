@@ -52,10 +52,6 @@ class Allocation:
     def achieved(self) -> float:
         return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
 
-    @property
-    def met_target(self) -> bool:
-        return abs(self.achieved - self.target) <= 0.03 or self.achieved >= self.reachable - 1e-9
-
     def summary(self) -> str:
         line = (
             f"{self.method}: removes {100 * self.achieved:.1f}% of prunable params "

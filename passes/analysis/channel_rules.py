@@ -382,33 +382,27 @@ def _reduce(ctx: ChannelContext, node: ir.Node) -> None:
             _identity(ctx, x, y)
             return
         axes = list(range(rank))
-    reduced = {_norm_axis(a, rank) for a in axes}
+    _link_unreduced(ctx, node, {_norm_axis(a, rank) for a in axes})
+    _accept_all(ctx, node.inputs[1:])
+
+
+def _arg_reduce(ctx: ChannelContext, node: ir.Node) -> None:
+    rank = len(ctx.shape(node.inputs[0]))
+    _link_unreduced(ctx, node, {_norm_axis(_attr_int(node, "axis", 0), rank)})
+
+
+def _link_unreduced(ctx: ChannelContext, node: ir.Node, reduced: set[int]) -> None:
+    """Axes kept by a reduction map to the output; reduced ones freeze (kept as size 1 with keepdims)."""
+    x, y = node.inputs[0], node.outputs[0]
     keepdims = _attr_int(node, "keepdims", 1)
     out_axis = 0
-    for axis in range(rank):
+    for axis in range(len(ctx.shape(x))):
         if axis in reduced:
             if keepdims:
                 ctx.accept(y, out_axis)
                 out_axis += 1
             continue
         ctx.link(x, axis, y, out_axis)
-        out_axis += 1
-    _accept_all(ctx, node.inputs[1:])
-
-
-def _arg_reduce(ctx: ChannelContext, node: ir.Node) -> None:
-    x, y = node.inputs[0], node.outputs[0]
-    rank = len(ctx.shape(x))
-    axis = _norm_axis(_attr_int(node, "axis", 0), rank)
-    keepdims = _attr_int(node, "keepdims", 1)
-    out_axis = 0
-    for a in range(rank):
-        if a == axis:
-            if keepdims:
-                ctx.accept(y, out_axis)
-                out_axis += 1
-            continue
-        ctx.link(x, a, y, out_axis)
         out_axis += 1
 
 

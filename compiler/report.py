@@ -32,6 +32,8 @@ class CompileReport:
     params_after: int
     prunable_params_before: int  # weights with at least one prunable axis
     prunable_params_after: int
+    budget: str  # what sparsity_target is a fraction of
+    budget_removed: float  # the fraction of it removed (predicted, for latency)
     macs_before: int
     macs_after: int
     latency_ms_before: float
@@ -82,9 +84,10 @@ class CompileReport:
             barriers += f", +{len(self.barriers) - 5} more"
         lines = [
             f"pcc: {self.model} -> {self.output} (target {self.target})",
+            f"  budget     {self.budget}: -{100 * self.budget_removed:.1f}% (target {100 * self.sparsity_target:.1f}%{reach})",
             f"  params     {human(self.params_before)} -> {human(self.params_after)}  "
             f"(-{100 * (1 - self.params_after / max(self.params_before, 1)):.1f}% of all; "
-            f"-{100 * self.prunable_removed:.1f}% of prunable, target {100 * self.sparsity_target:.1f}%{reach})",
+            f"-{100 * self.prunable_removed:.1f}% of prunable)",
             f"  MACs       {human(self.macs_before)} -> {human(self.macs_after)}  ({self.macs_ratio:.2f}x fewer)",
             f"  latency    {self.latency_ms_before:.2f} ms -> {self.latency_ms_after:.2f} ms  "
             f"({self.speedup:.2f}x; onnxruntime CPU, median of {self.latency_repeats} interleaved runs)",

@@ -14,5 +14,5 @@ def test_pass_manager_api_example_runs():
         [sys.executable, str(ROOT / "examples" / "pass_manager_api.py")], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
-    assert "AllocateGlobal(sparsity=0.4)" in done.stdout and "CheckerPass()" in done.stdout
+    assert "AllocateGlobal(sparsity=0.4, budget='params')" in done.stdout and "CheckerPass()" in done.stdout
     assert "removes" in done.stdout and "latency" in done.stdout

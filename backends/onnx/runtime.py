@@ -44,12 +44,12 @@ def session(model: bytes | str | Path, threads: int | None = None) -> ort.Infere
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def random_inputs(sess: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
-    """One random input per model input; symbolic dims become 1, integer inputs are small ids."""
+def random_inputs(sess: ort.InferenceSession, seed: int = 0, symbolic: int = 1) -> dict[str, np.ndarray]:
+    """One random input per model input; symbolic dims become `symbolic`, integer inputs are small ids."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+        shape = [d if isinstance(d, int) and d > 0 else symbolic for d in spec.shape]
         dtype = _NUMPY_TYPES.get(spec.type)
         if dtype is None:
             raise ValueError(f"input '{spec.name}' has unsupported type {spec.type}")

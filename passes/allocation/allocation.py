@@ -18,14 +18,15 @@ import numpy as np
 import onnx_ir as ir
 
 from pcc.compiler.errors import InvalidRequestError
-from pcc.passes.analysis.dependency_groups import DependencyGroup, DependencyGroups, is_parameter
+from pcc.passes.allocation.budget import BUDGETS, Cost, mac_cost, param_cost
+from pcc.passes.analysis.dependency_groups import DependencyGroup, DependencyGroups
 from pcc.passes.analysis.importance import Importance
 from pcc.passes.results import fetch, store
 
 __all__ = [
     "Allocation",
     "AllocatorPass",
-    "ParamCost",
+    "budget_cost",
     "check_sparsity",
     "RemovalPlanner",
     "rounded_keep",
@@ -41,20 +42,21 @@ class Allocation:
     PRODUCED_BY = "an allocator pass (AllocateUniform, AllocateGlobal)"
 
     method: str
-    target: float  # requested fraction of prunable parameters to remove
+    budget: str  # what the target counts: params, macs or latency
+    target: float  # requested fraction of that cost to remove
     removed: np.ndarray  # bool per unit
     keep_units: np.ndarray  # kept units per group
-    params_before: int  # prunable parameters
-    params_after: int  # predicted prunable parameters left
+    cost_before: float
+    cost_after: float  # as the budget's cost model predicts it
     reachable: float  # the largest fraction this allocator can remove
 
     @property
     def achieved(self) -> float:
-        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+        return 1.0 - self.cost_after / self.cost_before if self.cost_before else 0.0
 
     def summary(self) -> str:
         line = (
-            f"{self.method}: removes {100 * self.achieved:.1f}% of prunable params "
+            f"{self.method}: removes {100 * self.achieved:.1f}% of {_BUDGET_TEXT[self.budget]} "
             f"(target {100 * self.target:.1f}%)"
         )
         if self.target > self.reachable + 1e-9:
@@ -62,64 +64,12 @@ class Allocation:
         return line
 
 
+_BUDGET_TEXT = {"params": "prunable params", "macs": "MACs", "latency": "latency (predicted)"}
+
+
 def check_sparsity(sparsity: float) -> None:
     if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
         raise InvalidRequestError(f"--sparsity must be in [0, 1), got {sparsity}")
-
-
-class ParamCost:
-    """Exact count of prunable weight elements left after removing a set of units.
-
-    A weight's size is the product of its axes' lengths; an axis holding units loses one element per
-    removed unit element. Vectorised so allocators can evaluate thousands of candidates.
-    """
-
-    def __init__(self, model: ir.Model, groups: DependencyGroups) -> None:
-        axes_units: list[np.ndarray] = []
-        axis_sizes: list[int] = []
-        axis_owner: list[int] = []
-        fixed: list[int] = []
-        can_lose = groups.prunable_units()
-        for value in model.graph.initializers.values():
-            if not is_parameter(value):
-                continue
-            spaces = [groups.space_id(value.name, a) for a in range(len(value.const_value.shape))]
-            if not any(s in groups.space_units and can_lose[_valid(groups.space_units[s])].any() for s in spaces):
-                continue  # this weight can never shrink: it is not part of the budget
-            tensor = len(fixed)
-            product = 1
-            for axis, size in enumerate(value.const_value.shape):
-                space = spaces[axis]
-                if space is not None and space in groups.space_units:
-                    axes_units.append(groups.space_units[space])
-                    axis_sizes.append(size)
-                    axis_owner.append(tensor)
-                else:
-                    product *= size
-            fixed.append(product)
-        self._fixed = np.asarray(fixed, dtype=np.int64)
-        self._sizes = np.asarray(axis_sizes, dtype=np.int64)
-        self._owner = np.asarray(axis_owner, dtype=np.int64)
-        lengths = [len(u) for u in axes_units]
-        self._entry = np.repeat(np.arange(len(axes_units)), lengths)
-        flat = np.concatenate(axes_units) if axes_units else np.empty(0, np.int64)
-        self._valid = flat >= 0
-        self._units = np.maximum(flat, 0)
-        self._starts = np.searchsorted(self._owner, np.arange(len(fixed)))
-        self.total = self.remaining(np.zeros(groups.num_units, dtype=bool))
-
-    def remaining(self, removed: np.ndarray) -> int:
-        gone = np.bincount(
-            self._entry, weights=(removed[self._units] & self._valid), minlength=len(self._sizes)
-        ).astype(np.int64)
-        kept = self._sizes - gone
-        if not len(kept):
-            return 0
-        per_tensor = np.multiply.reduceat(kept, self._starts) * self._fixed
-        return int(per_tensor.sum())
-
-    def removed_fraction(self, removed: np.ndarray) -> float:
-        return 1.0 - self.remaining(removed) / self.total if self.total else 0.0
 
 
 def _valid(units: np.ndarray) -> np.ndarray:
@@ -194,34 +144,53 @@ def search_monotone(fraction_at: Callable[[float], float], target: float, lo: fl
 
 @dataclass
 class AllocatorPass(ir.passes.InPlacePass):
-    """Base of allocation passes: reads groups and importance, stores an `Allocation`."""
+    """Base of allocation passes: reads groups and importance, stores an `Allocation`.
+
+    `budget` names the cost `sparsity` is a fraction of: `params` (prunable weights), `macs`, or
+    `latency` (needs a `LatencyTable` from `MeasureLatency`).
+    """
 
     sparsity: float = 0.5
+    budget: str = "params"
 
     def requires(self, model: ir.Model) -> None:
         check_sparsity(self.sparsity)
+        if self.budget not in BUDGETS:
+            raise InvalidRequestError(f"unknown budget {self.budget!r}; choose from {', '.join(BUDGETS)}")
         fetch(model, DependencyGroups)
         fetch(model, Importance)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups = fetch(model, DependencyGroups)
         importance = fetch(model, Importance)
-        store(model, self.allocate(RemovalPlanner(groups, importance.scores), ParamCost(model, groups)))
+        cost = budget_cost(model, groups, self.budget)
+        store(model, self.allocate(model, RemovalPlanner(groups, importance.scores), cost))
         return ir.passes.PassResult(model, modified=False)
 
     @abc.abstractmethod
-    def allocate(self, planner: RemovalPlanner, cost: ParamCost) -> Allocation: ...
+    def allocate(self, model: ir.Model, planner: RemovalPlanner, cost: Cost) -> Allocation: ...
 
-    def _result(self, planner: RemovalPlanner, cost: ParamCost, keep: np.ndarray, reachable: float) -> Allocation:
+    def _result(self, planner: RemovalPlanner, cost: Cost, keep: np.ndarray, reachable: float) -> Allocation:
         groups = planner.groups
         removed = planner.mask(keep)
         kept = np.asarray([g.num_units - removed[g.units].sum() for g in groups.groups], dtype=np.int64)
         return Allocation(
             method=type(self).__name__,
+            budget=self.budget,
             target=self.sparsity,
             removed=removed,
             keep_units=kept,
-            params_before=cost.total,
-            params_after=cost.remaining(removed),
+            cost_before=cost.total,
+            cost_after=cost.remaining(removed),
             reachable=reachable,
         )
+
+
+def budget_cost(model: ir.Model, groups: DependencyGroups, budget: str) -> Cost:
+    if budget == "params":
+        return param_cost(model, groups)
+    if budget == "macs":
+        return mac_cost(model, groups)
+    from pcc.passes.analysis.latency import LatencyTable
+
+    return fetch(model, LatencyTable).cost(groups)

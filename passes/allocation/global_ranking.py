@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
-from pcc.passes.allocation.allocation import Allocation, AllocatorPass, ParamCost, RemovalPlanner, rounded_keep, search_monotone
+from pcc.passes.allocation.allocation import Allocation, AllocatorPass, RemovalPlanner, rounded_keep, search_monotone
+from pcc.passes.allocation.budget import Cost
 
 __all__ = ["AllocateGlobal"]
 
@@ -19,7 +21,7 @@ class AllocateGlobal(AllocatorPass):
     group's mean first; groups whose units stand out less from each other lose more.
     """
 
-    def allocate(self, planner: RemovalPlanner, cost: ParamCost) -> Allocation:
+    def allocate(self, model: ir.Model, planner: RemovalPlanner, cost: Cost) -> Allocation:
         groups = planner.groups.groups
         normalised = planner.scores.astype(np.float64).copy()
         for group in groups:

@@ -6,15 +6,16 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 from pcc.passes.allocation.allocation import (
     Allocation,
     AllocatorPass,
-    ParamCost,
     RemovalPlanner,
     rounded_keep,
     search_monotone,
 )
+from pcc.passes.allocation.budget import Cost
 
 __all__ = ["AllocateUniform"]
 
@@ -30,7 +31,7 @@ class AllocateUniform(AllocatorPass):
     brings the total closest to the target: every group stays within one rounding step of the ratio.
     """
 
-    def allocate(self, planner: RemovalPlanner, cost: ParamCost) -> Allocation:
+    def allocate(self, model: ir.Model, planner: RemovalPlanner, cost: Cost) -> Allocation:
         groups = planner.groups.groups
         sizes = np.asarray([g.num_units for g in groups], dtype=np.float64)
 

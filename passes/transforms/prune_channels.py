@@ -20,7 +20,7 @@ from pcc.passes.analysis.dependency_groups import DependencyGroups
 from pcc.passes.analysis.importance import Importance
 from pcc.passes.results import fetch, invalidate, store
 
-__all__ = ["PruneChannels", "PruneReport"]
+__all__ = ["PruneChannels", "PruneReport", "prune_channels", "pruned_copy"]
 
 
 @dataclass
@@ -86,9 +86,10 @@ def _all_values(graph: ir.Graph):
         yield from (v for v in node.outputs if v is not None)
 
 
-def prune_channels(model: ir.Model, groups: DependencyGroups, allocation: Allocation) -> PruneReport:
+def prune_channels(model: ir.Model, groups: DependencyGroups, removed: np.ndarray) -> PruneReport:
+    """Remove the units marked in `removed` (one bool per unit of `groups`) from `model`, in place."""
     graph = model.graph
-    kept = groups.kept_indices(allocation.removed)
+    kept = groups.kept_indices(removed)
     rewriter = _Rewriter(graph, kept)
     for node in list(graph):
         rule = rule_for(node)
@@ -102,10 +103,10 @@ def prune_channels(model: ir.Model, groups: DependencyGroups, allocation: Alloca
     for name, cuts in by_value.items():
         _shrink(values[name], cuts)
 
-    pruned_groups = [g for g in groups.groups if allocation.removed[g.units].any()]
+    pruned_groups = [g for g in groups.groups if removed[g.units].any()]
     common_passes.RemoveUnusedNodesPass()(model)  # drops the constants the rewrites replaced
     return PruneReport(
-        units_removed=int(allocation.removed.sum()),
+        units_removed=int(removed.sum()),
         groups_pruned=len(pruned_groups),
         groups_total=len(groups.groups),
         tensors_resized=len(by_value),
@@ -128,6 +129,13 @@ def _shrink(value: ir.Value, cuts: list[tuple[int, np.ndarray]]) -> None:
     value.shape = ir.Shape(dims)
 
 
+def pruned_copy(model: ir.Model, groups: DependencyGroups, removed: np.ndarray) -> ir.Model:
+    """A pruned clone, for measuring variants; `model` is left as it is (tensors are never edited in place)."""
+    copy = model.clone()
+    prune_channels(copy, groups, removed)
+    return copy
+
+
 @dataclass
 class PruneChannels(ir.passes.InPlacePass):
     """Transform: physically remove the units of the stored `Allocation` (stores `PruneReport`)."""
@@ -137,7 +145,7 @@ class PruneChannels(ir.passes.InPlacePass):
         fetch(model, Allocation)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        report = prune_channels(model, fetch(model, DependencyGroups), fetch(model, Allocation))
+        report = prune_channels(model, fetch(model, DependencyGroups), fetch(model, Allocation).removed)
         invalidate(model, DependencyGroups, Importance, Allocation)  # all refer to the old channels
         store(model, report)
         return ir.passes.PassResult(model, modified=report.units_removed > 0)

@@ -21,7 +21,7 @@ def _allocate(model, allocator, round_to=1):
 def test_budget_is_met_and_no_group_is_emptied(zoo_cache, allocator, sparsity):
     for name in ("resnet_bottleneck", "yolo_neck", "densenet"):
         groups, allocation = _allocate(zoo_cache.model(name), allocator(sparsity))
-        assert allocation.params_before == groups.prunable_params  # one definition of "prunable"
+        assert allocation.cost_before == groups.prunable_params  # one definition of "prunable"
         assert abs(allocation.achieved - sparsity) <= 0.02 or allocation.achieved >= allocation.reachable - 1e-9, name
         for group in groups.groups:
             assert allocation.keep_units[group.index] >= 1

@@ -34,7 +34,7 @@ def test_pruned_model_is_valid_and_meets_budget(zoo_cache, name, sparsity):
     allocation = result.get(Allocation)
     costs = result.get(CostReport).costs
     removed = costs["before"].params - costs["after"].params
-    measured = removed / allocation.params_before
+    measured = removed / allocation.cost_before
     assert measured == pytest.approx(allocation.achieved, abs=1e-9), "cost model must predict the real count"
     if allocation.reachable >= sparsity:
         assert abs(measured - sparsity) <= 0.03, f"{name}: removed {measured:.3f}, target {sparsity}"

@@ -1,0 +1,232 @@
+"""Calibration data: the inputs data-driven passes (importance, sensitivity, fine-tuning) run on.
+
+Sources: an `.npz` with one array per model input (samples along axis 0) and optionally `labels`; a
+folder of images; any iterable of input dictionaries (Python API); or, when nothing is given, random
+inputs, with a warning that scores then reflect the weights only.
+
+Image folders are preprocessed the way ImageNet classifiers expect unless told otherwise: decoded as RGB
+(or grayscale for 1-channel inputs), resized to the model's input height and width (bilinear), scaled to
+[0, 1], normalised with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), laid out as NCHW.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from pcc.compiler.errors import InvalidRequestError
+
+__all__ = ["CalibrationData", "InputSpec", "input_specs", "load_calibration", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LABELS_KEY = "labels"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int | None, ...]  # None: symbolic
+    dtype: np.dtype
+
+    @property
+    def batch(self) -> int | None:
+        """The fixed batch size, or None if the batch axis is symbolic."""
+        return self.shape[0] if self.shape else None
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    specs = []
+    for value in model.graph.inputs:
+        shape = tuple(d if isinstance(d, int) else None for d in value.shape) if value.shape is not None else ()
+        specs.append(InputSpec(value.name, shape, np.dtype(value.dtype.numpy())))
+    return specs
+
+
+@dataclass
+class CalibrationData:
+    """Samples for a model's inputs, served in batches the model accepts."""
+
+    inputs: dict[str, np.ndarray]  # input name -> [samples, ...]
+    labels: np.ndarray | None = None
+    source: str = "arrays"
+    synthetic: bool = False
+    batch_size: int = 32
+    _specs: list[InputSpec] = field(default_factory=list, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def batches(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """(inputs, labels) per batch. A model with a fixed batch size gets exactly that size."""
+        size = self.model_batch or self.batch_size
+        # a fixed-batch model cannot take a short last batch
+        end = self.num_samples - self.num_samples % size if self.model_batch else self.num_samples
+        for start in range(0, end, size):
+            labels = None if self.labels is None else self.labels[start : start + size]
+            yield {k: v[start : start + size] for k, v in self.inputs.items()}, labels
+
+    @property
+    def model_batch(self) -> int | None:
+        fixed = [s.batch for s in self._specs if s.batch is not None]
+        return min(fixed) if fixed else None
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return (batch for batch, _ in self.batches())
+
+    def digest(self) -> str:
+        """A content hash, for caches keyed on the data."""
+        h = hashlib.sha256()
+        for name in sorted(self.inputs):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(self.inputs[name]).tobytes())
+        if self.labels is not None:
+            h.update(np.ascontiguousarray(self.labels).tobytes())
+        return h.hexdigest()[:16]
+
+    # -- constructors --------------------------------------------------------------------------
+
+    @classmethod
+    def from_arrays(
+        cls, model: ir.Model, arrays: Mapping[str, np.ndarray], labels: np.ndarray | None = None,
+        source: str = "arrays", batch_size: int = 32,
+    ) -> CalibrationData:
+        specs = input_specs(model)
+        inputs = {}
+        for spec in specs:
+            if spec.name not in arrays:
+                raise InvalidRequestError(
+                    f"calibration data {source} has no array for model input '{spec.name}' "
+                    f"(it has: {', '.join(sorted(arrays)) or 'nothing'})"
+                )
+            inputs[spec.name] = _conform(np.asarray(arrays[spec.name]), spec, source)
+        extra = set(arrays) - {s.name for s in specs} - {LABELS_KEY}
+        if extra:
+            raise InvalidRequestError(f"calibration data {source} has arrays the model does not take: {', '.join(sorted(extra))}")
+        counts = {len(v) for v in inputs.values()}
+        if len(counts) != 1 or 0 in counts:
+            raise InvalidRequestError(f"calibration data {source}: inputs must hold the same, non-zero number of samples")
+        fixed = max((s.batch for s in specs if s.batch is not None), default=1)
+        if next(iter(counts)) < fixed:
+            raise InvalidRequestError(f"calibration data {source}: fewer samples than the model's fixed batch size {fixed}")
+        if labels is not None:
+            labels = np.asarray(labels)
+            if len(labels) != next(iter(counts)) or not np.issubdtype(labels.dtype, np.integer):
+                raise InvalidRequestError(f"calibration data {source}: '{LABELS_KEY}' must be one integer per sample")
+        return cls(inputs, labels, source, False, batch_size, specs)
+
+    @classmethod
+    def from_npz(cls, model: ir.Model, path: str | os.PathLike[str], batch_size: int = 32) -> CalibrationData:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise InvalidRequestError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
+        labels = arrays.pop(LABELS_KEY, None)
+        return cls.from_arrays(model, arrays, labels, source=str(path), batch_size=batch_size)
+
+    @classmethod
+    def from_iterable(cls, model: ir.Model, samples: Iterable[Mapping[str, np.ndarray]], batch_size: int = 32) -> CalibrationData:
+        """Concatenate any iterable of input dictionaries (each a batch) along the sample axis."""
+        collected: dict[str, list[np.ndarray]] = {}
+        for sample in samples:
+            for name, array in sample.items():
+                collected.setdefault(name, []).append(np.asarray(array))
+        if not collected:
+            raise InvalidRequestError("calibration iterable yielded no samples")
+        arrays = {name: np.concatenate(parts) for name, parts in collected.items()}
+        labels = arrays.pop(LABELS_KEY, None)
+        return cls.from_arrays(model, arrays, labels, source="iterable", batch_size=batch_size)
+
+    @classmethod
+    def from_images(
+        cls, model: ir.Model, folder: str | os.PathLike[str], batch_size: int = 32,
+        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+    ) -> CalibrationData:
+        from PIL import Image, UnidentifiedImageError
+
+        folder = Path(folder)
+        specs = input_specs(model)
+        if len(specs) != 1 or len(specs[0].shape) != 4 or specs[0].shape[1] not in (1, 3) or None in specs[0].shape[2:]:
+            raise InvalidRequestError("image-folder calibration needs a model with one NCHW input of 1 or 3 channels and fixed size")
+        spec = specs[0]
+        channels, height, width = spec.shape[1:]
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InvalidRequestError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        images = []
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    image = image.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
+                    array = np.asarray(image, dtype=np.float32) / 255.0
+            except (OSError, UnidentifiedImageError) as exc:
+                raise InvalidRequestError(f"{file}: not a readable image ({exc})") from None
+            array = array.reshape(height, width, channels).transpose(2, 0, 1)
+            m = np.asarray(mean[:channels], np.float32).reshape(channels, 1, 1)
+            s = np.asarray(std[:channels], np.float32).reshape(channels, 1, 1)
+            images.append((array - m) / s)
+        return cls.from_arrays(model, {spec.name: np.stack(images)}, source=str(folder), batch_size=batch_size)
+
+    @classmethod
+    def random(cls, model: ir.Model, samples: int = 64, batch_size: int = 32, seed: int = 0) -> CalibrationData:
+        """Gaussian inputs (small non-negative integers for integer inputs); symbolic dims become 1."""
+        rng = np.random.default_rng(seed)
+        arrays = {}
+        for spec in input_specs(model):
+            per_sample = [d if d is not None else 1 for d in spec.shape[1:]]
+            shape = [samples, *per_sample]
+            if np.issubdtype(spec.dtype, np.floating):
+                arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            else:
+                arrays[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+        data = cls.from_arrays(model, arrays, source="random inputs", batch_size=batch_size)
+        data.synthetic = True
+        return data
+
+
+def _conform(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
+    """Check an input array against the model's input; floats may be cast between widths."""
+    if array.ndim != len(spec.shape):
+        raise InvalidRequestError(
+            f"calibration data {source}: '{spec.name}' has {array.ndim} dims, the model input has {len(spec.shape)} "
+            f"(shape {_shape_text(spec.shape)}; samples go along axis 0)"
+        )
+    for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
+        if want is not None and got != want:
+            raise InvalidRequestError(
+                f"calibration data {source}: '{spec.name}' has shape {tuple(array.shape)}, "
+                f"the model input is {_shape_text(spec.shape)} (axis {axis} differs)"
+            )
+    same_kind = np.issubdtype(array.dtype, np.floating) == np.issubdtype(spec.dtype, np.floating)
+    if not same_kind or array.dtype.kind not in "fiub":
+        raise InvalidRequestError(f"calibration data {source}: '{spec.name}' is {array.dtype}, the model input is {spec.dtype}")
+    return np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+def load_calibration(model: ir.Model, path: str | os.PathLike[str] | None, batch_size: int = 32, seed: int = 0) -> CalibrationData:
+    """What `--calib` gives: an .npz, an image folder, or (None) random inputs."""
+    if path is None:
+        return CalibrationData.random(model, batch_size=batch_size, seed=seed)
+    path = Path(path)
+    if path.is_dir():
+        return CalibrationData.from_images(model, path, batch_size=batch_size)
+    if not path.exists():
+        raise InvalidRequestError(f"{path}: no such calibration file")
+    if path.suffix.lower() != ".npz":
+        raise InvalidRequestError(f"{path}: calibration data must be an .npz file or a folder of images")
+    return CalibrationData.from_npz(model, path, batch_size=batch_size)

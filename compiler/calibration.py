@@ -66,14 +66,32 @@ class CalibrationData:
     def num_samples(self) -> int:
         return len(next(iter(self.inputs.values())))
 
-    def batches(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-        """(inputs, labels) per batch. A model with a fixed batch size gets exactly that size."""
+    def batches(
+        self, progress: str | None = None, shuffle_seed: int | None = None
+    ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """(inputs, labels) per batch; a model with a fixed batch size gets exactly that size.
+
+        `progress` names a tqdm bar to show while iterating (none when None); `shuffle_seed` visits the
+        samples in a seeded random order (training), otherwise in file order (scoring, caching).
+        """
+        from tqdm.auto import tqdm
+
+        size, end = self._batching()
+        order = None if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(self.num_samples)
+        for start in tqdm(range(0, end, size), desc=progress, unit="batch", disable=progress is None, leave=False):
+            picked = slice(start, start + size) if order is None else order[start : start + size]
+            labels = None if self.labels is None else self.labels[picked]
+            yield {k: v[picked] for k, v in self.inputs.items()}, labels
+
+    @property
+    def num_batches(self) -> int:
+        size, end = self._batching()
+        return len(range(0, end, size))
+
+    def _batching(self) -> tuple[int, int]:
+        """Batch size and the end of the last batch: a fixed-batch model cannot take a short last batch."""
         size = self.model_batch or self.batch_size
-        # a fixed-batch model cannot take a short last batch
-        end = self.num_samples - self.num_samples % size if self.model_batch else self.num_samples
-        for start in range(0, end, size):
-            labels = None if self.labels is None else self.labels[start : start + size]
-            yield {k: v[start : start + size] for k, v in self.inputs.items()}, labels
+        return size, self.num_samples - self.num_samples % size if self.model_batch else self.num_samples
 
     @property
     def model_batch(self) -> int | None:

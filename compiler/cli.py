@@ -1,7 +1,9 @@
 """The `pcc` command line (see shared/CLI.md for the contract).
 
-    pcc compile MODEL --sparsity S [--target onnx] [-o OUT] [--importance l1|l2|bn|random]
-                [--allocator uniform|global] [--round-to N] [--report DIR] [--verbose] ...
+    pcc compile MODEL --sparsity S [--target onnx] [-o OUT] [--importance CRITERION]
+                [--allocator uniform|global|lamp|dp] [--budget params|macs|latency] [--calib FILE|DIR]
+                [--workers N] [--ray [ADDRESS]] [--round-to N] [--report DIR] [--verbose] ...
+    pcc finetune PRUNED --data FILE [--teacher DENSE] [--epochs N] [--lr LR] [--eval FILE] [-o OUT]
     pcc inspect MODEL [--json] [--round-to N]
 
 Exit status: 0 success; 2 bad input or a request that cannot apply (one line on stderr starting with
@@ -11,8 +13,10 @@ Exit status: 0 success; 2 bad input or a request that cannot apply (one line on 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
+import os
 import sys
 import warnings
 from collections import Counter
@@ -20,13 +24,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pcc.backends import TARGETS
+from pcc.backends.onnx.runtime import session, top1_accuracy
+from pcc.backends.onnx.writer import write_checked
+from pcc.compiler.calibration import load_calibration
 from pcc.compiler.errors import InvalidRequestError, PccError
 from pcc.compiler.frontend import load_onnx
-from pcc.compiler.pipeline import analysis_pipeline, channel_pruning_pipeline
-from pcc.passes.allocation import ALLOCATORS
+from pcc.compiler.pipeline import Pipeline, analysis_pipeline, channel_pruning_pipeline
+from pcc.compiler.report import write_report
+from pcc.passes.allocation import ALLOCATORS, BUDGETS
 from pcc.passes.allocation.allocation import check_sparsity
 from pcc.passes.analysis import DependencyGroups
-from pcc.passes.analysis.importance import CRITERIA, REDUCTIONS
+from pcc.passes.analysis.importance import CRITERIA, DATA_CRITERIA, REDUCTIONS
+from pcc.passes.transforms import FineTune, FineTuneReport
 
 __all__ = ["main", "build_parser"]
 
@@ -55,12 +64,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument("--allocator", default="uniform", choices=list(ALLOCATORS), help="how the budget is split")
     compile_.add_argument(
+        "--budget", default="params", choices=BUDGETS,
+        help="what --sparsity is a fraction of: prunable params, MACs, or latency measured in onnxruntime",
+    )
+    compile_.add_argument(
+        "--calib", type=Path, metavar="FILE|DIR",
+        help=".npz of named input arrays (+ optional 'labels') or a folder of images, for data-driven importance, "
+        "sensitivity (dp) and the report",
+    )
+    compile_.add_argument("--workers", type=int, metavar="N", help="processes for the sensitivity sweep (default: all cores)")
+    compile_.add_argument(
+        "--ray", nargs="?", const="local", metavar="ADDRESS",
+        help="run the sensitivity sweep on Ray: a local instance, or the cluster at ADDRESS (needs pcc[ray])",
+    )
+    compile_.add_argument(
+        "--latency-batch", type=int, default=1, metavar="N", help="batch size latency is measured at (default: 1)"
+    )
+    compile_.add_argument(
         "--round-to", type=int, metavar="N", help="keep channel counts multiples of N (default: the target's, 8 for onnx)"
     )
     compile_.add_argument("--seed", type=int, default=0, help="seed for random importance and random test inputs")
     compile_.add_argument("--repeats", type=int, default=20, metavar="N", help="latency runs per model (default: 20)")
-    compile_.add_argument("--report", type=Path, metavar="DIR", help="also write DIR/report.json")
+    compile_.add_argument(
+        "--report", type=Path, metavar="DIR", help="also write DIR/report.md with plots, and DIR/report.json"
+    )
     compile_.add_argument("--verbose", action="store_true", help="per-pass times, groups and library warnings")
+
+    finetune = commands.add_parser("finetune", help="recover accuracy of a pruned model by a short fine-tune")
+    finetune.add_argument("model", type=Path, help="ONNX model to fine-tune (usually pcc compile's output)")
+    finetune.add_argument("--data", type=Path, required=True, help=".npz of training inputs, with 'labels' unless --teacher")
+    finetune.add_argument("--teacher", type=Path, metavar="DENSE", help="distil from this model's outputs (the dense model)")
+    finetune.add_argument("--epochs", type=int, default=1, metavar="N", help="passes over the data (default: 1)")
+    finetune.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed (default: 1e-3)")
+    finetune.add_argument("--batch-size", type=int, default=64, metavar="N", help="training batch (default: 64)")
+    finetune.add_argument("--eval", type=Path, metavar="FILE", help="labelled .npz to report top-1 accuracy on, before and after")
+    finetune.add_argument("-o", "--output", type=Path, help="output file (default: ./MODEL.finetuned.onnx)")
+    finetune.add_argument("--seed", type=int, default=0, help="seed for the data order")
+    finetune.add_argument("--verbose", action="store_true", help="library warnings")
 
     inspect = commands.add_parser("inspect", help="show ops, dependency groups and barriers")
     inspect.add_argument("model", type=Path, help="ONNX model file")
@@ -76,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "compile":
             return _compile(args)
+        if args.command == "finetune":
+            return _finetune(args)
         return _inspect(args)
     except PccError as exc:
         message = " ".join(str(exc).split())
@@ -95,32 +137,81 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def _compile(args: argparse.Namespace) -> int:
     check_sparsity(args.sparsity)
-    if args.repeats < 1:
-        raise InvalidRequestError(f"--repeats must be at least 1, got {args.repeats}")
-    target = TARGETS[args.target](repeats=args.repeats, progress=sys.stderr.isatty(), seed=args.seed)
+    for flag, value in (("--repeats", args.repeats), ("--latency-batch", args.latency_batch)):
+        if value < 1:
+            raise InvalidRequestError(f"{flag} must be at least 1, got {value}")
+    if args.ray is not None and importlib.util.find_spec("ray") is None:
+        raise InvalidRequestError("--ray needs Ray: pip install 'pcc[ray]'")
+    progress = sys.stderr.isatty()
+    target = TARGETS[args.target](repeats=args.repeats, progress=progress, seed=args.seed, batch=args.latency_batch)
     output = args.output or target.default_output(args.model)
     if args.model.exists() and output.resolve() == args.model.resolve():
         raise InvalidRequestError(f"output {output} is the input model; pcc never overwrites its input")
+    model = load_onnx(args.model)
+    calibration = load_calibration(model, args.calib, seed=args.seed)
+    if calibration.synthetic and (args.importance in DATA_CRITERIA or args.allocator == "dp" or args.report):
+        print("pcc: warning: no --calib given: data-driven scores run on random inputs and reflect the weights only", file=sys.stderr)
     pipeline = channel_pruning_pipeline(
         args.sparsity,
         importance=args.importance,
         reduction=args.reduction,
         allocator=args.allocator,
+        budget=args.budget,
         round_to=target.preferred_round_to if args.round_to is None else args.round_to,
         seed=args.seed,
+        calibration=calibration,
+        workers=args.workers,
+        ray_address=args.ray,
+        sensitivity_cache=_sensitivity_cache(args.model),
+        latency_batch=args.latency_batch,
+        latency_repeats=args.repeats,
+        compare_allocators=args.report is not None,
+        progress=progress,
     )
-    model = load_onnx(args.model)
-    result = pipeline.run(model, progress=sys.stderr.isatty())
+    result = pipeline.run(model, progress=progress)
     report = target.emit(
         result, args.model, output, model_name=str(args.model), allocator=args.allocator, importance=args.importance
     )
+    report.calibration = f"{calibration.source} ({calibration.num_samples} samples)"
+    if calibration.labels is not None:
+        report.calib_accuracy_before = top1_accuracy(str(args.model), calibration)
+        report.calib_accuracy_after = top1_accuracy(str(output), calibration)
     print(report.format())
     if args.verbose:
         print("  pass times\n" + result.timing_table())
         groups = result.get(DependencyGroups)
         print("  groups\n" + "\n".join(f"    {g}" for g in groups.groups))
     if args.report:
-        print(f"  report     {report.write_json(args.report)}")
+        print(f"  report     {write_report(args.report, report, result)}")
+    return 0
+
+
+def _sensitivity_cache(model_path: Path) -> Path | None:
+    """MODEL.pcc-sensitivity.npz beside the model, where that folder is writable (else no cache)."""
+    folder = model_path.resolve().parent
+    return folder / f"{model_path.name}.pcc-sensitivity.npz" if os.access(folder, os.W_OK) else None
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise InvalidRequestError(f"--batch-size must be at least 1, got {args.batch_size}")
+    output = args.output or Path.cwd() / f"{args.model.stem}.finetuned.onnx"
+    if args.model.exists() and output.resolve() == args.model.resolve():
+        raise InvalidRequestError(f"output {output} is the input model; pcc never overwrites its input")
+    model = load_onnx(args.model)
+    data = load_calibration(model, args.data, batch_size=args.batch_size)
+    teacher = load_onnx(args.teacher) if args.teacher else None
+    evaluation = load_calibration(model, args.eval, batch_size=256) if args.eval else None
+    before = top1_accuracy(str(args.model), evaluation) if evaluation else None
+    tune = FineTune(data, teacher, epochs=args.epochs, lr=args.lr, seed=args.seed, progress=sys.stderr.isatty())
+    result = Pipeline([tune]).run(model)
+    write_checked(result.model, output, verify=lambda staged: session(staged))
+    print(f"pcc: {args.model} -> {output} (fine-tuned)")
+    print(f"  {result.get(FineTuneReport).summary()}")
+    print(f"  data       {data.source} ({data.num_samples} samples)")
+    if evaluation is not None:
+        after = top1_accuracy(str(output), evaluation)
+        print(f"  accuracy   {100 * before:.2f}% -> {100 * after:.2f}% top-1 on {evaluation.source}")
     return 0
 
 

@@ -84,13 +84,16 @@ def from_torch(
     output_names: Sequence[str] | None = None,
     opset_version: int | None = None,
     optimize: bool = True,
+    dynamic_batch: bool = False,
 ) -> ir.Model:
     """Export a PyTorch `nn.Module` with `torch.onnx.export(dynamo=True)` and return the IR.
 
     The module is exported in eval mode with the example inputs' static shapes; initializer names are
     the module's parameter names (e.g. ``layer1.0.conv1.weight``). The exporter's optimizer folds
     BatchNorm into the preceding convolution; `optimize=False` keeps BatchNormalization nodes (needed
-    by the `bn` importance criterion).
+    by the `bn` importance criterion). `dynamic_batch` makes axis 0 of every input symbolic, so the
+    model takes any batch size (calibration, fine-tuning, serving); give examples with a batch of 2 or
+    more, since the exporter specialises a batch of 1.
     """
     import torch
 
@@ -107,6 +110,7 @@ def from_torch(
             output_names=list(output_names) if output_names else None,
             opset_version=opset_version,
             optimize=optimize,
+            dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in example_inputs) if dynamic_batch else None,
             verbose=False,
         )
     except Exception as exc:  # the exporter raises many unrelated types; all mean "cannot export"

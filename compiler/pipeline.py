@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import onnx_ir as ir
@@ -18,13 +19,18 @@ import onnx_ir.passes.common as common_passes
 from tqdm.auto import tqdm
 
 from pcc.compiler.errors import InvalidRequestError, PccError
-from pcc.passes.allocation import ALLOCATORS
+from pcc.compiler.calibration import CalibrationData
+from pcc.passes.allocation import ALLOCATORS, BUDGETS, AllocateDP
+from pcc.passes.allocation.compare import CompareAllocators
 from pcc.passes.analysis.cost import MeasureCost
 from pcc.passes.analysis.dependency_groups import BuildDependencyGroups
 from pcc.passes.analysis.importance import CRITERIA, REDUCTIONS, ScoreImportance
+from pcc.passes.analysis.latency import MeasureLatency
+from pcc.passes.analysis.sensitivity import MeasureSensitivity
 from pcc.passes.analysis.shapes import InferMissingShapes
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
 from pcc.passes.transforms.fold_constants import FoldConstants
+from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 from pcc.passes.transforms.prune_channels import PruneChannels
 
 __all__ = [
@@ -136,11 +142,12 @@ class Pipeline:
 
 
 def preparation_passes() -> list[ir.passes.PassBase]:
-    """Make the imported graph analysable: real weight tensors, shapes, shuffles as Gathers."""
+    """Make the imported graph analysable: real weight tensors, shapes, static reshapes, shuffles as Gathers."""
     return [
         FoldConstants(),
         common_passes.ShapeInferencePass(strict_mode=False),
         InferMissingShapes(),
+        StaticReshapeTargets(),
         ChannelShuffleToGather(),
         common_passes.TopologicalSortPass(),
     ]
@@ -157,26 +164,55 @@ def channel_pruning_pipeline(
     importance: str = "l2",
     reduction: str = "mean",
     allocator: str = "uniform",
+    budget: str = "params",
     round_to: int = 1,
     seed: int = 0,
+    calibration: CalibrationData | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    sensitivity_cache: Path | None = None,
+    latency_batch: int = 1,
+    latency_repeats: int = 20,
+    compare_allocators: bool = False,
+    progress: bool = False,
 ) -> Pipeline:
-    """The default `pcc compile` pipeline: prepare, group, score, allocate, prune, measure."""
+    """The default `pcc compile` pipeline: prepare, group, score, [measure], allocate, prune, measure.
+
+    The `dp` allocator adds a sensitivity sweep (on `calibration`, in `workers` processes or on Ray at
+    `ray_address`, cached in `sensitivity_cache`); the `latency` budget adds a latency table measured in
+    onnxruntime at batch `latency_batch`. `compare_allocators` records what every allocator would keep
+    (for the report).
+    """
     if allocator not in ALLOCATORS:
         raise InvalidRequestError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATORS)}")
     if importance not in CRITERIA:
         raise InvalidRequestError(f"unknown importance {importance!r}; choose from {', '.join(CRITERIA)}")
     if reduction not in REDUCTIONS:
         raise InvalidRequestError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
+    if budget not in BUDGETS:
+        raise InvalidRequestError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
     if round_to < 1:
         raise InvalidRequestError(f"--round-to must be a positive integer, got {round_to}")
-    return Pipeline(
-        [
-            *preparation_passes(),
-            MeasureCost("before"),
-            BuildDependencyGroups(round_to=round_to),
-            ScoreImportance(criterion=importance, reduction=reduction, seed=seed),
-            ALLOCATORS[allocator](sparsity=sparsity),
-            PruneChannels(),
-            MeasureCost("after"),
-        ]
-    )
+    if workers is not None and workers < 1:
+        raise InvalidRequestError(f"--workers must be at least 1, got {workers}")
+    passes: list[ir.passes.PassBase] = [
+        *preparation_passes(),
+        MeasureCost("before"),
+        BuildDependencyGroups(round_to=round_to),
+        ScoreImportance(criterion=importance, reduction=reduction, seed=seed, calibration=calibration, progress=progress),
+    ]
+    if budget == "latency":
+        passes.append(MeasureLatency(repeats=latency_repeats, batch=latency_batch, progress=progress))
+    if allocator == "dp":
+        passes.append(
+            MeasureSensitivity(
+                calibration=calibration, workers=workers, ray_address=ray_address, cache=sensitivity_cache, progress=progress
+            )
+        )
+        passes.append(AllocateDP(sparsity=sparsity, budget=budget, calibration=calibration))
+    else:
+        passes.append(ALLOCATORS[allocator](sparsity=sparsity, budget=budget))
+    if compare_allocators:
+        passes.append(CompareAllocators(sparsity, budget, calibration=calibration, progress=progress))
+    passes += [PruneChannels(), MeasureCost("after")]
+    return Pipeline(passes)

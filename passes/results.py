@@ -11,7 +11,7 @@ from typing import Protocol, TypeVar
 
 import onnx_ir as ir
 
-__all__ = ["AnalysisResult", "store", "fetch", "invalidate"]
+__all__ = ["AnalysisResult", "store", "fetch", "lookup", "invalidate"]
 
 
 class AnalysisResult(Protocol):
@@ -34,6 +34,11 @@ def fetch(model: ir.Model, result_type: type[R]) -> R:
             f"{result_type.__name__} not found on the model: run {result_type.PRODUCED_BY} first"
         )
     return result
+
+
+def lookup(model: ir.Model, result_type: type[R]) -> R | None:
+    """The result of an earlier pass if one ran (for optional inputs such as report extras)."""
+    return model.meta.get(result_type.META_KEY)
 
 
 def invalidate(model: ir.Model, *result_types: type[AnalysisResult]) -> None:

@@ -1,4 +1,4 @@
-"""Running models in onnxruntime: random inputs, output comparison, and paired latency measurement.
+"""Running models in onnxruntime: random inputs, output comparison, paired latency, classification.
 
 Latency is measured as dense and pruned runs interleaved in one process (A, B, A, B, ...), medians of
 each: the machines pcc runs on are shared and noisy, and interleaving exposes both models to the same
@@ -20,7 +20,19 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-__all__ = ["OutputDifference", "Latency", "session", "random_inputs", "compare_outputs", "paired_latency"]
+from pcc.compiler.calibration import CalibrationData
+from pcc.compiler.errors import InvalidRequestError
+
+__all__ = [
+    "OutputDifference",
+    "Latency",
+    "session",
+    "random_inputs",
+    "compare_outputs",
+    "paired_latency",
+    "classify",
+    "top1_accuracy",
+]
 
 _NUMPY_TYPES = {
     "tensor(float)": np.float32,
@@ -114,3 +126,18 @@ def paired_latency(
             sess.run(None, feeds)
             times[key].append(time.perf_counter() - start)
     return Latency(1000 * float(np.median(times[0])), 1000 * float(np.median(times[1])), repeats)
+
+
+def classify(model: bytes | str | Path, data: CalibrationData, progress: str | None = None) -> np.ndarray:
+    """The top-1 class onnxruntime gives every sample of `data` (argmax of the first output)."""
+    sess = session(model)
+    predictions = [np.argmax(sess.run(None, feeds)[0], axis=1) for feeds, _ in data.batches(progress=progress)]
+    return np.concatenate(predictions)
+
+
+def top1_accuracy(model: bytes | str | Path, data: CalibrationData, progress: str | None = None) -> float:
+    """Fraction of `data`'s labelled samples the model classifies correctly."""
+    if data.labels is None:
+        raise InvalidRequestError(f"accuracy needs labels: {data.source} has no 'labels' array")
+    predictions = classify(model, data, progress)
+    return float(np.mean(predictions == data.labels[: len(predictions)]))

@@ -17,6 +17,7 @@ from pcc.compiler.pipeline import PipelineResult
 from pcc.compiler.report import CompileReport
 from pcc.passes.allocation import Allocation
 from pcc.passes.analysis import CostReport, DependencyGroups
+from pcc.passes.analysis.sensitivity import Sensitivity
 from pcc.passes.transforms import PruneReport
 
 __all__ = ["OnnxTarget"]
@@ -33,6 +34,7 @@ class OnnxTarget:
     repeats: int = 20
     progress: bool = False
     seed: int = 0
+    batch: int = 1  # the size given to a symbolic batch axis when timing
 
     def default_output(self, model_path: Path) -> Path:
         return Path.cwd() / f"{model_path.stem}.pruned.onnx"
@@ -48,7 +50,7 @@ class OnnxTarget:
         importance: str,
     ) -> CompileReport:
         dense = session(dense_model if isinstance(dense_model, bytes) else str(dense_model))
-        feeds = random_inputs(dense, self.seed)
+        feeds = random_inputs(dense, self.seed, symbolic=self.batch)
         dense_outputs = dense.run(None, feeds)
         checked: dict[str, object] = {}
 
@@ -59,9 +61,9 @@ class OnnxTarget:
 
         write_checked(result.model, output, verify=run_before_commit)
         latency = paired_latency(dense, checked["session"], feeds, repeats=self.repeats, progress=self.progress)
-        return _report(
-            result, output, model_name, allocator, importance, latency, checked["difference"], self.name
-        )
+        report = _report(result, output, model_name, allocator, importance, latency, checked["difference"], self.name)
+        report.latency_batch = self.batch
+        return report
 
 
 def _report(result, output, model_name, allocator, importance, latency, difference, target) -> CompileReport:
@@ -98,4 +100,22 @@ def _report(result, output, model_name, allocator, importance, latency, differen
         reachable_sparsity=allocation.reachable,
         checks=["onnx.checker (full)", "runs in onnxruntime", "atomic write"],
         pass_seconds={t.name: t.seconds for t in result.timings},
+        **_analysis_fields(result, allocation),
     )
+
+
+def _analysis_fields(result, allocation: Allocation) -> dict[str, object]:
+    """What the optional analyses (latency table, sensitivity, DP) add to the report."""
+    fields: dict[str, object] = {}
+    if allocation.budget == "latency":
+        fields.update(predicted_latency_ms_before=allocation.cost_before, predicted_latency_ms_after=allocation.cost_after)
+    sensitivity = result.get(Sensitivity)
+    if sensitivity is not None:
+        fields.update(sensitivity_seconds=sensitivity.seconds, sensitivity_reused=sensitivity.reused)
+    if allocation.predicted_distortion is not None:
+        fields.update(
+            distortion_predicted=allocation.predicted_distortion,
+            distortion_measured=allocation.measured_distortion,
+            distortion_metric=sensitivity.metric if sensitivity is not None else None,
+        )
+    return fields

@@ -2,7 +2,8 @@
 
 from pcc.passes.allocation.allocation import Allocation, AllocatorPass
 from pcc.passes.allocation.budget import BUDGETS, ProductCost, mac_cost, param_cost
-from pcc.passes.allocation.global_ranking import AllocateGlobal
+from pcc.passes.allocation.global_ranking import AllocateGlobal, AllocateLAMP
+from pcc.passes.allocation.rate_distortion import AllocateDP, solve_rate_distortion
 from pcc.passes.allocation.uniform import AllocateUniform
 
 __all__ = [
@@ -10,12 +11,20 @@ __all__ = [
     "BUDGETS",
     "Allocation",
     "AllocatorPass",
+    "AllocateDP",
     "AllocateGlobal",
+    "AllocateLAMP",
     "AllocateUniform",
     "ProductCost",
     "mac_cost",
     "param_cost",
+    "solve_rate_distortion",
 ]
 
 # `--allocator` name -> pass class
-ALLOCATORS: dict[str, type[AllocatorPass]] = {"uniform": AllocateUniform, "global": AllocateGlobal}
+ALLOCATORS: dict[str, type[AllocatorPass]] = {
+    "uniform": AllocateUniform,
+    "global": AllocateGlobal,
+    "lamp": AllocateLAMP,
+    "dp": AllocateDP,
+}

@@ -39,7 +39,7 @@ class Allocation:
     """Which units go: the decision `PruneChannels` carries out."""
 
     META_KEY = "pcc.allocation"
-    PRODUCED_BY = "an allocator pass (AllocateUniform, AllocateGlobal)"
+    PRODUCED_BY = "an allocator pass (AllocateUniform, AllocateGlobal, AllocateLAMP, AllocateDP)"
 
     method: str
     budget: str  # what the target counts: params, macs or latency
@@ -49,6 +49,9 @@ class Allocation:
     cost_before: float
     cost_after: float  # as the budget's cost model predicts it
     reachable: float  # the largest fraction this allocator can remove
+    # the additivity check of distortion-driven allocators: summed single-group vs joint distortion
+    predicted_distortion: float | None = None
+    measured_distortion: float | None = None
 
     @property
     def achieved(self) -> float:
@@ -61,6 +64,11 @@ class Allocation:
         )
         if self.target > self.reachable + 1e-9:
             line += f"; best reachable is {100 * self.reachable:.1f}%"
+        if self.predicted_distortion is not None and self.measured_distortion is not None:
+            line += (
+                f"\nadditivity check: sum of single-group distortions {self.predicted_distortion:.4g}, "
+                f"measured with all groups pruned {self.measured_distortion:.4g}"
+            )
         return line
 
 

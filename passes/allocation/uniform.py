@@ -29,6 +29,9 @@ class AllocateUniform(AllocatorPass):
     channel counts then make the removed fraction jump in steps (all groups of 8 channels move
     together), so each group finally keeps the floor or the ceiling of its exact share, whichever
     brings the total closest to the target: every group stays within one rounding step of the ratio.
+    Where one step of a small, costly group is itself bigger than the tolerance (8 channels at full
+    resolution under a MACs budget), the remaining gap is closed by stepping the groups whose steps
+    are finest, so the budget is met rather than missed by a rounding step.
     """
 
     def allocate(self, model: ir.Model, planner: RemovalPlanner, cost: Cost) -> Allocation:
@@ -59,7 +62,36 @@ class AllocateUniform(AllocatorPass):
             gap = abs(fraction_of(keep) - self.sparsity)
             if gap < best_gap:
                 best, best_gap = keep.copy(), gap
+        if best_gap > _TOLERANCE:
+            best = _close_gap(best, groups, fraction_of, self.sparsity)
         return self._result(planner, cost, best, reachable)
+
+
+_TOLERANCE = 0.005  # fraction of the budget left to rounding before finer groups are stepped
+
+
+def _close_gap(keep: np.ndarray, groups, fraction_of, target: float) -> np.ndarray:
+    """Greedy single-group steps towards the target, each the one that narrows the gap most."""
+    keep = keep.copy()
+    gap = abs(fraction_of(keep) - target)
+    for _ in range(4 * len(groups)):
+        direction = -1 if fraction_of(keep) < target else 1  # fewer units removes more
+        best_move, best_gap = None, gap
+        for index, group in enumerate(groups):
+            width = rounded_keep(group, keep[index] + direction * group.unit_multiple)
+            if width == keep[index]:
+                continue
+            trial = keep.copy()
+            trial[index] = width
+            trial_gap = abs(fraction_of(trial) - target)
+            if trial_gap < best_gap:
+                best_move, best_gap = (index, width), trial_gap
+        if best_move is None:
+            break
+        keep[best_move[0]], gap = best_move[1], best_gap
+        if gap <= _TOLERANCE:
+            break
+    return keep
 
 
 def _step_down(multiple: int, exact: float) -> float:

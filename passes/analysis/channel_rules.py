@@ -686,6 +686,8 @@ def _reshape(ctx: ChannelContext, node: ir.Node) -> None:
 
 def _rewrite_reshape(ctx: RewriteContext, node: ir.Node) -> None:
     target = ctx.const(node.inputs[1])
+    if target is None:
+        return  # computed at run time: the analysis froze every axis through it
     y = node.outputs[0]
     new_target = target.copy()
     changed = False

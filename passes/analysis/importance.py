@@ -73,6 +73,7 @@ def score_units(
     reduction: str = "mean",
     seed: int = 0,
     calibration: CalibrationData | None = None,
+    progress: bool = False,
 ) -> Importance:
     if criterion not in CRITERIA:
         raise ValueError(f"unknown importance criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
@@ -84,7 +85,7 @@ def score_units(
     if criterion in DATA_CRITERIA:
         if calibration is None:
             calibration = CalibrationData.random(model, seed=seed)
-        scores = _data_scores(model, groups, criterion, reduction, weights, calibration)
+        scores = _data_scores(model, groups, criterion, reduction, weights, calibration, progress)
         return Importance(criterion, reduction, scores, synthetic_data=calibration.synthetic)
     if criterion == "bn":
         scores, covered = _reduce_over_weights(groups, lambda name: np.abs(weights[name]), {Role.NORM_SCALE}, reduction)
@@ -147,17 +148,17 @@ def _reduce_per_unit(num_units: int, per_space, reduction: str) -> tuple[np.ndar
     return np.divide(total, count, out=np.zeros_like(total), where=covered), covered
 
 
-def _data_scores(model, groups, criterion, reduction, weights, calibration: CalibrationData) -> np.ndarray:
+def _data_scores(model, groups, criterion, reduction, weights, calibration: CalibrationData, progress: bool) -> np.ndarray:
     import torch
 
     from pcc.compiler.torch_module import IRModule
 
     module = IRModule(model)
     if criterion == "activation":
-        return _activation_scores(model, groups, module, reduction, calibration)
+        return _activation_scores(model, groups, module, reduction, calibration, progress)
     grad_sum = {name: torch.zeros_like(p) for name, p in module.named_weights()}
     grad_sq = {name: torch.zeros_like(p) for name, p in module.named_weights()}
-    for feeds, labels in calibration.batches():
+    for feeds, labels in calibration.batches(f"{criterion} scores" if progress else None):
         module.zero_grad()
         outputs = module(feeds)
         _loss(outputs, labels).backward()
@@ -185,7 +186,7 @@ def _loss(outputs, labels):
     return sum(0.5 * (o.float() ** 2).mean() for o in outputs if o.is_floating_point())
 
 
-def _activation_scores(model, groups, module, reduction, calibration: CalibrationData) -> np.ndarray:
+def _activation_scores(model, groups, module, reduction, calibration: CalibrationData, progress: bool) -> np.ndarray:
     import torch
 
     producers = {v.name for node in model.graph if node.op_type in _PRODUCER_OPS for v in node.outputs}
@@ -193,7 +194,7 @@ def _activation_scores(model, groups, module, reduction, calibration: Calibratio
     sums = {sid: np.zeros(space.size) for sid, space in spaces}
     batches = 0
     with torch.no_grad():
-        for feeds in calibration:
+        for feeds, _ in calibration.batches("activation scores" if progress else None):
             _, captured = module.run(feeds, capture={space.value for _, space in spaces})
             for sid, space in spaces:
                 values = captured[space.value].abs().double()
@@ -216,11 +217,13 @@ class ScoreImportance(ir.passes.InPlacePass):
     reduction: str = "mean"
     seed: int = 0
     calibration: CalibrationData | None = field(default=None, repr=False)
+    progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
         fetch(model, DependencyGroups)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups = fetch(model, DependencyGroups)
-        store(model, score_units(model, groups, self.criterion, self.reduction, self.seed, self.calibration))
+        importance = score_units(model, groups, self.criterion, self.reduction, self.seed, self.calibration, self.progress)
+        store(model, importance)
         return ir.passes.PassResult(model, modified=False)

@@ -31,7 +31,15 @@ from pcc.passes.analysis.dependency_groups import DependencyGroups
 from pcc.passes.analysis.importance import Importance
 from pcc.passes.results import fetch, store
 
-__all__ = ["METRICS", "DEFAULT_KEEP_FRACTIONS", "Sensitivity", "MeasureSensitivity", "measure_sensitivity", "output_distortion"]
+__all__ = [
+    "METRICS",
+    "DEFAULT_KEEP_FRACTIONS",
+    "Sensitivity",
+    "MeasureSensitivity",
+    "joint_distortion",
+    "measure_sensitivity",
+    "output_distortion",
+]
 
 METRICS = ("auto", "kl", "mse")
 DEFAULT_KEEP_FRACTIONS = tuple(float(f) for f in np.round(np.linspace(0.1, 0.9, 8), 4))
@@ -55,6 +63,12 @@ class Sensitivity:
 
     def row(self, group: int) -> int:
         return self.groups.index(group)
+
+    def summed_distortion(self, keep_units: np.ndarray) -> float:
+        """Sum over measured groups of the (interpolated) distortion at these widths: the DP's objective."""
+        return float(
+            sum(np.interp(keep_units[g], self.keep_units[row], self.distortion[row]) for row, g in enumerate(self.groups))
+        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
@@ -207,6 +221,22 @@ def measure_sensitivity(
     )
 
 
+def joint_distortion(
+    model: ir.Model, groups: DependencyGroups, removed: np.ndarray, calibration: CalibrationData, metric: str
+) -> float:
+    """Distortion of the model with all of `removed` pruned at once (to check additivity)."""
+    from pcc.backends.onnx.runtime import session
+
+    model_bytes = ir.serde.serialize_model(model).SerializeToString()
+    batches = list(calibration)
+    dense = session(model_bytes)
+    _worker_setup(model_bytes, groups, batches, [dense.run(None, feeds) for feeds in batches], metric)
+    try:
+        return _worker_evaluate(removed)
+    finally:
+        _WORKER.clear()
+
+
 def _run_jobs(setup, masks: list[np.ndarray], workers: int | None, ray_address: str | None, progress: bool) -> list[float]:
     if not masks:
         return []
@@ -215,7 +245,10 @@ def _run_jobs(setup, masks: list[np.ndarray], workers: int | None, ray_address: 
     workers = min(workers or os.cpu_count() or 1, len(masks))
     if workers <= 1:
         _worker_setup(*setup)
-        return [_worker_evaluate(m) for m in tqdm(masks, desc="sensitivity", disable=not progress, leave=False)]
+        try:
+            return [_worker_evaluate(m) for m in tqdm(masks, desc="sensitivity", disable=not progress, leave=False)]
+        finally:
+            _WORKER.clear()
     import multiprocessing
 
     # spawn, not fork: the parent may hold onnxruntime thread pools that a fork would copy half-alive

@@ -1,8 +1,19 @@
 """Transform passes: they rewrite the model."""
 
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
+from pcc.passes.transforms.finetune import FineTune, FineTuneReport
 from pcc.passes.transforms.fold_constants import FoldConstants
 from pcc.passes.transforms.mask_channels import MaskChannels
 from pcc.passes.transforms.prune_channels import PruneChannels, PruneReport
+from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 
-__all__ = ["ChannelShuffleToGather", "FoldConstants", "MaskChannels", "PruneChannels", "PruneReport"]
+__all__ = [
+    "ChannelShuffleToGather",
+    "FineTune",
+    "FineTuneReport",
+    "FoldConstants",
+    "MaskChannels",
+    "PruneChannels",
+    "PruneReport",
+    "StaticReshapeTargets",
+]

@@ -6,7 +6,7 @@ import pytest
 
 from pcc.compiler.errors import InvalidRequestError
 from pcc.compiler.pipeline import Pipeline, channel_pruning_pipeline, preparation_passes
-from pcc.passes.allocation import AllocateGlobal, AllocateUniform, Allocation
+from pcc.passes.allocation import AllocateGlobal, AllocateLAMP, AllocateUniform, Allocation
 from pcc.passes.allocation.allocation import check_sparsity
 from pcc.passes.analysis import BuildDependencyGroups, DependencyGroups, ScoreImportance
 
@@ -16,12 +16,14 @@ def _allocate(model, allocator, round_to=1):
     return result.get(DependencyGroups), result.get(Allocation)
 
 
-@pytest.mark.parametrize("allocator", [AllocateUniform, AllocateGlobal])
+@pytest.mark.parametrize("allocator", [AllocateUniform, AllocateGlobal, AllocateLAMP])
+@pytest.mark.parametrize("budget", ["params", "macs"])
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.8])
-def test_budget_is_met_and_no_group_is_emptied(zoo_cache, allocator, sparsity):
+def test_budget_is_met_and_no_group_is_emptied(zoo_cache, allocator, budget, sparsity):
     for name in ("resnet_bottleneck", "yolo_neck", "densenet"):
-        groups, allocation = _allocate(zoo_cache.model(name), allocator(sparsity))
-        assert allocation.cost_before == groups.prunable_params  # one definition of "prunable"
+        groups, allocation = _allocate(zoo_cache.model(name), allocator(sparsity, budget=budget))
+        if budget == "params":
+            assert allocation.cost_before == groups.prunable_params  # one definition of "prunable"
         assert abs(allocation.achieved - sparsity) <= 0.02 or allocation.achieved >= allocation.reachable - 1e-9, name
         for group in groups.groups:
             assert allocation.keep_units[group.index] >= 1

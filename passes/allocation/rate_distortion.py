@@ -1,0 +1,174 @@
+"""Rate-distortion allocation: the best split of a global budget across groups, by dynamic programming.
+
+Following "Efficient Joint Optimization of Layer-Adaptive Weight Pruning in Deep Neural Networks"
+(Xu et al., ICCV 2023): if the output distortion of pruning several groups is close to the sum of the
+distortions of pruning each alone, then choosing one kept width per group to minimise total distortion
+subject to removing at least a given cost is a multiple-choice knapsack, solved exactly by a dynamic
+program over groups x discretised cost.
+
+Each group's options are its valid widths (multiples of its unit multiple), with the distortion
+interpolated from the measured sensitivity curve and the cost saved when that group alone is narrowed.
+For the latency budget those savings add up by construction; for parameters and MACs they do not quite
+(narrowing both sides of a weight saves less than the two savings summed), so the required saving is
+searched for until the exact cost of the DP's answer meets the target. The result records the sum of
+the single-group distortions the DP predicted and the distortion measured with every group pruned at
+once: the additivity check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from pcc.compiler.calibration import CalibrationData
+from pcc.passes.allocation.allocation import Allocation, AllocatorPass, RemovalPlanner, rounded_keep
+from pcc.passes.allocation.budget import Cost
+from pcc.passes.analysis.sensitivity import Sensitivity, joint_distortion
+from pcc.passes.results import fetch
+
+__all__ = ["AllocateDP", "solve_rate_distortion"]
+
+_COST_BINS = 2000  # resolution of the discretised budget
+_MAX_OPTIONS = 64  # widths considered per group (evenly spread when a group has more)
+
+
+def solve_rate_distortion(distortion: np.ndarray, saving: np.ndarray, required: int) -> tuple[np.ndarray, float]:
+    """Exact minimum of sum(distortion[g, choice[g]]) subject to sum(saving[g, choice[g]]) >= required.
+
+    `distortion` and `saving` are [groups, options] arrays (use +inf distortion for padding); savings are
+    non-negative integers. Returns the chosen option per group and the total distortion, which is +inf
+    when no choice removes enough. Runs in O(groups x options x required).
+    """
+    distortion = np.asarray(distortion, dtype=np.float64)
+    saving = np.asarray(saving, dtype=np.int64)
+    if (saving < 0).any():
+        raise ValueError("savings must be non-negative")
+    required = max(int(required), 0)
+    groups, options = distortion.shape
+    # best[b]: least distortion with the saving so far >= b (b capped at `required`)
+    best = np.full(required + 1, np.inf)
+    best[0] = 0.0
+    chosen = np.zeros((groups, required + 1), dtype=np.int64)  # option taken to reach a state
+    source = np.zeros((groups, required + 1), dtype=np.int64)  # the state it was taken from
+    states = np.arange(required + 1)
+    for g in range(groups):
+        new = np.full(required + 1, np.inf)
+        for option in range(options):
+            if not np.isfinite(distortion[g, option]):
+                continue
+            target = np.minimum(states + saving[g, option], required)
+            candidate = best + distortion[g, option]
+            # several states can land on the cap: visit them best-first so the minimum wins
+            order = np.lexsort((candidate, target))
+            target, candidate, start = target[order], candidate[order], states[order]
+            first = np.r_[True, target[1:] != target[:-1]]
+            target, candidate, start = target[first], candidate[first], start[first]
+            better = candidate < new[target]
+            new[target[better]] = candidate[better]
+            chosen[g, target[better]] = option
+            source[g, target[better]] = start[better]
+        best = new
+    if not np.isfinite(best[required]):
+        return np.zeros(groups, dtype=np.int64), float("inf")
+    picks = np.zeros(groups, dtype=np.int64)
+    state = required
+    for g in range(groups - 1, -1, -1):
+        picks[g] = chosen[g, state]
+        state = source[g, state]
+    return picks, float(best[required])
+
+
+@dataclass
+class AllocateDP(AllocatorPass):
+    """Minimise the summed per-group output distortion under the budget (needs `Sensitivity`).
+
+    `calibration` is used only to measure the joint distortion of the answer (the additivity check);
+    give it the data the sensitivity was measured on.
+    """
+
+    calibration: CalibrationData | None = field(default=None, repr=False)
+
+    def requires(self, model: ir.Model) -> None:
+        super().requires(model)
+        fetch(model, Sensitivity)
+
+    def allocate(self, model: ir.Model, planner: RemovalPlanner, cost: Cost) -> Allocation:
+        sensitivity = fetch(model, Sensitivity)
+        groups = planner.groups.groups
+        full = np.asarray([g.num_units for g in groups], dtype=np.int64)
+        widths, distortion, saving = _options(planner, cost, sensitivity, full)
+
+        def keep_for(required: float) -> np.ndarray | None:
+            step = cost.total / _COST_BINS
+            picks, total = solve_rate_distortion(distortion, np.floor(saving / step).astype(np.int64), int(np.ceil(required / step)))
+            if not np.isfinite(total):
+                return None
+            keep = full.copy()
+            for row, group in enumerate(sensitivity.groups):
+                keep[group] = widths[row, picks[row]]
+            return keep
+
+        narrowest = full.copy()
+        for row, group in enumerate(sensitivity.groups):
+            narrowest[group] = widths[row, 0]
+        reachable = cost.removed_fraction(planner.mask(narrowest))
+        keep = full if self.sparsity == 0 else self._search(planner, cost, keep_for, saving)
+        if keep is None:
+            keep = narrowest
+        allocation = self._result(planner, cost, keep, reachable)
+        allocation.predicted_distortion = sensitivity.summed_distortion(allocation.keep_units)
+        allocation.measured_distortion = joint_distortion(
+            model, planner.groups, allocation.removed, self.calibration or CalibrationData.random(model), sensitivity.metric
+        )
+        return allocation
+
+    def _search(self, planner: RemovalPlanner, cost: Cost, keep_for, saving: np.ndarray) -> np.ndarray | None:
+        """The required (summed single-group) saving whose DP answer's exact cost is closest to the target."""
+        target = self.sparsity * cost.total
+        lo, hi = 0.0, float(saving.max(axis=1).sum())
+        best, best_gap = None, np.inf
+        for _ in range(30):
+            required = (lo + hi) / 2
+            keep = keep_for(required)
+            if keep is None:
+                hi = required
+                continue
+            removed = cost.total - cost.remaining(planner.mask(keep))
+            gap = abs(removed - target)
+            if gap < best_gap:
+                best, best_gap = keep, gap
+            if removed < target:
+                lo = required
+            else:
+                hi = required
+            if gap <= 1e-4 * cost.total:
+                break
+        return best
+
+
+def _options(planner: RemovalPlanner, cost: Cost, sensitivity: Sensitivity, full: np.ndarray):
+    """Per measured group: candidate widths (ascending, ending at full), interpolated distortion, saving."""
+    rows = len(sensitivity.groups)
+    widths = np.zeros((rows, _MAX_OPTIONS + 1), dtype=np.int64)
+    distortion = np.full(widths.shape, np.inf)
+    saving = np.zeros(widths.shape)
+    for row, index in enumerate(sensitivity.groups):
+        group = planner.groups.groups[index]
+        curve_units, curve = sensitivity.keep_units[row], sensitivity.distortion[row]
+        # no extrapolation below the narrowest measured width
+        lowest = max(group.min_units, int(curve_units[0]))
+        valid = sorted({rounded_keep(group, k) for k in range(lowest, group.num_units + 1)})
+        if len(valid) > _MAX_OPTIONS:
+            picks = np.unique(np.round(np.linspace(0, len(valid) - 1, _MAX_OPTIONS)).astype(int))
+            valid = [valid[i] for i in picks]
+        for column, width in enumerate(valid):
+            keep = full.copy()
+            keep[index] = width
+            widths[row, column] = width
+            distortion[row, column] = float(np.interp(width, curve_units, curve))
+            saving[row, column] = cost.total - cost.remaining(planner.mask(keep))
+        widths[row, len(valid) :] = group.num_units  # padding: never chosen (infinite distortion)
+    return widths, distortion, np.maximum(saving, 0.0)
+

@@ -1,0 +1,98 @@
+"""The DP allocator: exact against brute force, meets the budget, reports its additivity check."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from pcc.compiler.calibration import CalibrationData
+from pcc.compiler.pipeline import Pipeline, preparation_passes
+from pcc.passes.allocation import AllocateDP, AllocateUniform, Allocation, solve_rate_distortion
+from pcc.passes.analysis import BuildDependencyGroups, DependencyGroups, ScoreImportance
+from pcc.passes.analysis.sensitivity import MeasureSensitivity, Sensitivity
+
+
+def _brute_force(distortion, saving, required):
+    best, picks = np.inf, None
+    for choice in itertools.product(*(range(distortion.shape[1]) for _ in range(distortion.shape[0]))):
+        rows = np.arange(len(choice))
+        if saving[rows, choice].sum() >= required and distortion[rows, choice].sum() < best:
+            best, picks = distortion[rows, choice].sum(), choice
+    return best, picks
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_dp_is_exact_against_brute_force(trial):
+    rng = np.random.default_rng(trial)
+    groups, options = rng.integers(1, 5), rng.integers(1, 5)
+    distortion = rng.random((groups, options))
+    distortion[rng.random((groups, options)) < 0.15] = np.inf  # padding options
+    saving = rng.integers(0, 12, size=(groups, options))
+    required = int(rng.integers(0, saving.max(axis=1).sum() + 3))
+    expected, _ = _brute_force(distortion, saving, required)
+    picks, total = solve_rate_distortion(distortion, saving, required)
+    if not np.isfinite(expected):
+        assert not np.isfinite(total)
+        return
+    assert total == pytest.approx(expected)
+    rows = np.arange(groups)
+    assert distortion[rows, picks].sum() == pytest.approx(total)  # the backtracked choice is the optimum
+    assert saving[rows, picks].sum() >= required
+
+
+def test_dp_rejects_negative_savings():
+    with pytest.raises(ValueError):
+        solve_rate_distortion(np.zeros((1, 2)), np.array([[0, -1]]), 1)
+
+
+def _dp(model, sparsity, budget="params"):
+    calibration = CalibrationData.random(model, samples=16, batch_size=16)
+    passes = [
+        *preparation_passes(),
+        BuildDependencyGroups(),
+        ScoreImportance(),
+        MeasureSensitivity(calibration=calibration, workers=1),
+        AllocateDP(sparsity=sparsity, budget=budget, calibration=calibration),
+    ]
+    result = Pipeline(passes).run(model)
+    return result.get(DependencyGroups), result.get(Allocation)
+
+
+@pytest.mark.parametrize("budget", ["params", "macs"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.6])
+def test_dp_meets_the_budget(zoo_cache, budget, sparsity):
+    groups, allocation = _dp(zoo_cache.model("resnet_bottleneck"), sparsity, budget)
+    assert allocation.method == "AllocateDP" and allocation.budget == budget
+    assert abs(allocation.achieved - sparsity) <= 0.02 or allocation.achieved >= allocation.reachable - 1e-9
+    assert all(allocation.keep_units[g.index] >= 1 for g in groups.groups)
+
+
+def test_dp_reports_the_additivity_check_and_spends_where_it_hurts_least(zoo_cache):
+    groups, allocation = _dp(zoo_cache.model("vgg"), 0.5)
+    assert allocation.predicted_distortion is not None and allocation.predicted_distortion > 0
+    assert allocation.measured_distortion is not None and allocation.measured_distortion > 0
+    assert "additivity check" in allocation.summary()
+    fractions = [allocation.keep_units[g.index] / g.num_units for g in groups.groups if g.prunable]
+    assert max(fractions) - min(fractions) > 0.1  # not uniform
+
+
+def test_dp_at_zero_sparsity_keeps_everything(zoo_cache):
+    _, allocation = _dp(zoo_cache.model("mlp"), 0.0)
+    assert not allocation.removed.any()
+
+
+def test_dp_predicts_less_distortion_than_uniform_at_the_same_budget(zoo_cache):
+    """The DP's objective is the summed curve distortion: at its optimum, no allocation (uniform included) does better."""
+    model = zoo_cache.model("vgg")
+    groups, dp = _dp(model, 0.5)
+    calibration = CalibrationData.random(zoo_cache.model("vgg"), samples=16, batch_size=16)
+    result = Pipeline(
+        [*preparation_passes(), BuildDependencyGroups(), ScoreImportance(),
+         MeasureSensitivity(calibration=calibration, workers=1), AllocateUniform(0.5)]
+    ).run(zoo_cache.model("vgg"))
+    uniform = result.get(Allocation)
+    summed = result.get(Sensitivity).summed_distortion(uniform.keep_units)
+    assert uniform.achieved <= dp.achieved + 0.02
+    assert dp.predicted_distortion <= summed + 1e-9

@@ -2,7 +2,8 @@
 
     pcc compile MODEL --sparsity S [--target onnx] [-o OUT] [--importance CRITERION]
                 [--allocator uniform|global|lamp|dp] [--budget params|macs|latency] [--calib FILE|DIR]
-                [--workers N] [--ray [ADDRESS]] [--round-to N] [--report DIR] [--verbose] ...
+                [--workers N] [--ray [ADDRESS]] [--round-to N] [--no-bn-recalibration] [--report DIR]
+                [--verbose] ...
     pcc finetune PRUNED --data FILE [--teacher DENSE] [--epochs N] [--lr LR] [--eval FILE] [-o OUT]
     pcc inspect MODEL [--json] [--round-to N]
 
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--seed", type=int, default=0, help="seed for random importance and random test inputs")
     compile_.add_argument("--repeats", type=int, default=20, metavar="N", help="latency runs per model (default: 20)")
     compile_.add_argument(
+        "--no-bn-recalibration", action="store_true",
+        help="keep the BatchNorm statistics as trained (by default, with --calib, they are re-estimated after pruning)",
+    )
+    compile_.add_argument(
         "--report", type=Path, metavar="DIR", help="also write DIR/report.md with plots, and DIR/report.json"
     )
     compile_.add_argument("--verbose", action="store_true", help="per-pass times, groups and library warnings")
@@ -151,6 +156,11 @@ def _compile(args: argparse.Namespace) -> int:
     calibration = load_calibration(model, args.calib, seed=args.seed)
     if calibration.synthetic and (args.importance in DATA_CRITERIA or args.allocator == "dp" or args.report):
         print("pcc: warning: no --calib given: data-driven scores run on random inputs and reflect the weights only", file=sys.stderr)
+    # pruning shifts every later layer's input statistics; with real data, BatchNorm is re-estimated
+    recalibrate_bn = (
+        not calibration.synthetic and not args.no_bn_recalibration
+        and any(node.op_type == "BatchNormalization" for node in model.graph)
+    )
     pipeline = channel_pruning_pipeline(
         args.sparsity,
         importance=args.importance,
@@ -166,6 +176,7 @@ def _compile(args: argparse.Namespace) -> int:
         latency_batch=args.latency_batch,
         latency_repeats=args.repeats,
         compare_allocators=args.report is not None,
+        recalibrate_bn=recalibrate_bn,
         progress=progress,
     )
     result = pipeline.run(model, progress=progress)
@@ -173,6 +184,8 @@ def _compile(args: argparse.Namespace) -> int:
         result, args.model, output, model_name=str(args.model), allocator=args.allocator, importance=args.importance
     )
     report.calibration = f"{calibration.source} ({calibration.num_samples} samples)"
+    if recalibrate_bn:
+        report.calibration += "; BatchNorm statistics re-estimated on it after pruning"
     if calibration.labels is not None:
         report.calib_accuracy_before = top1_accuracy(str(args.model), calibration)
         report.calib_accuracy_after = top1_accuracy(str(output), calibration)

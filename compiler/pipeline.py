@@ -30,6 +30,7 @@ from pcc.passes.analysis.sensitivity import MeasureSensitivity
 from pcc.passes.analysis.shapes import InferMissingShapes
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
 from pcc.passes.transforms.fold_constants import FoldConstants
+from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
 from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 from pcc.passes.transforms.prune_channels import PruneChannels
 
@@ -75,8 +76,9 @@ class PipelineResult:
         return sum(t.seconds for t in self.timings if t.name.split("(")[0] in names)
 
     def timing_table(self) -> str:
-        width = max((len(t.name) for t in self.timings), default=10)
-        lines = [f"  {t.name:<{width}}  {1000 * t.seconds:9.1f} ms" for t in self.timings]
+        names = [t.name if len(t.name) <= 72 else t.name[:69] + "..." for t in self.timings]  # reprs can be long
+        width = max((len(name) for name in names), default=10)
+        lines = [f"  {name:<{width}}  {1000 * t.seconds:9.1f} ms" for name, t in zip(names, self.timings)]
         total = sum(t.seconds for t in self.timings)
         return "\n".join(lines + [f"  {'total':<{width}}  {1000 * total:9.1f} ms"])
 
@@ -174,6 +176,7 @@ def channel_pruning_pipeline(
     latency_batch: int = 1,
     latency_repeats: int = 20,
     compare_allocators: bool = False,
+    recalibrate_bn: bool = False,
     progress: bool = False,
 ) -> Pipeline:
     """The default `pcc compile` pipeline: prepare, group, score, [measure], allocate, prune, measure.
@@ -181,7 +184,8 @@ def channel_pruning_pipeline(
     The `dp` allocator adds a sensitivity sweep (on `calibration`, in `workers` processes or on Ray at
     `ray_address`, cached in `sensitivity_cache`); the `latency` budget adds a latency table measured in
     onnxruntime at batch `latency_batch`. `compare_allocators` records what every allocator would keep
-    (for the report).
+    (for the report). `recalibrate_bn` re-estimates BatchNorm statistics on `calibration` after pruning,
+    and the sensitivity sweep and comparisons measure variants the same way.
     """
     if allocator not in ALLOCATORS:
         raise InvalidRequestError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATORS)}")
@@ -193,6 +197,8 @@ def channel_pruning_pipeline(
         raise InvalidRequestError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
     if round_to < 1:
         raise InvalidRequestError(f"--round-to must be a positive integer, got {round_to}")
+    if recalibrate_bn and (calibration is None or calibration.synthetic):
+        raise InvalidRequestError("BatchNorm recalibration needs real calibration data (--calib)")
     if workers is not None and workers < 1:
         raise InvalidRequestError(f"--workers must be at least 1, got {workers}")
     passes: list[ir.passes.PassBase] = [
@@ -206,13 +212,27 @@ def channel_pruning_pipeline(
     if allocator == "dp":
         passes.append(
             MeasureSensitivity(
-                calibration=calibration, workers=workers, ray_address=ray_address, cache=sensitivity_cache, progress=progress
+                calibration=calibration, workers=workers, ray_address=ray_address, cache=sensitivity_cache,
+                recalibrate_bn=recalibrate_bn, progress=progress,
             )
         )
-        passes.append(AllocateDP(sparsity=sparsity, budget=budget, calibration=calibration))
+        passes.append(
+            AllocateDP(
+                sparsity=sparsity, budget=budget, calibration=calibration, recalibrate_bn=recalibrate_bn,
+                workers=workers, ray_address=ray_address,
+            )
+        )
     else:
         passes.append(ALLOCATORS[allocator](sparsity=sparsity, budget=budget))
     if compare_allocators:
-        passes.append(CompareAllocators(sparsity, budget, calibration=calibration, progress=progress))
-    passes += [PruneChannels(), MeasureCost("after")]
+        passes.append(
+            CompareAllocators(
+                sparsity, budget, calibration=calibration, recalibrate_bn=recalibrate_bn, workers=workers,
+                ray_address=ray_address, progress=progress,
+            )
+        )
+    passes.append(PruneChannels())
+    if recalibrate_bn and sparsity > 0:  # at sparsity 0 the output must be the input model, statistics included
+        passes.append(RecalibrateBatchNorm(calibration))
+    passes.append(MeasureCost("after"))
     return Pipeline(passes)

@@ -121,7 +121,13 @@ def _gemm(inputs, a):
 
 def _batch_norm(inputs, a):
     x, scale, bias, mean, var = inputs[:5]
+    momentum = a.get(_RECALIBRATE)
+    if momentum is not None:  # normalise by the batch's statistics and fold them into the running ones
+        return F.batch_norm(x, mean, var, scale, bias, training=True, momentum=momentum, eps=a.get("epsilon", 1e-5))
     return F.batch_norm(x, mean, var, scale, bias, training=False, eps=a.get("epsilon", 1e-5))
+
+
+_RECALIBRATE = "__pcc_statistics_momentum"  # set on BatchNormalization attributes while re-estimating
 
 
 def _layer_norm(inputs, a):
@@ -581,6 +587,7 @@ class IRModule(torch.nn.Module):
         self._constants: dict[str, Tensor] = {}
         self.weights = torch.nn.ParameterList()
         frozen = _statistics_inputs(graph)
+        self._statistics = sorted(frozen & set(graph.initializers))
         for name, value in graph.initializers.items():
             tensor = torch.from_numpy(np.array(value.const_value.numpy()))
             if tensor.dtype in _FLOATS and name not in frozen:
@@ -634,11 +641,33 @@ class IRModule(torch.nn.Module):
         return [env[name] for name in self.output_names], captured
 
     @torch.no_grad()
+    def recalibrate_batchnorm(self, batches: Iterable[Mapping[str, Tensor | np.ndarray]]) -> int:
+        """Re-estimate every BatchNorm's running mean and variance as the average over `batches`.
+
+        Each batch is normalised by its own statistics (train-mode BatchNorm), as the layers after a
+        pruned one see it, and batch k enters the running values with weight 1/k, so the result is the
+        plain mean over batches. Returns the number of batches seen.
+        """
+        norms = [attrs for node, _, _, _, attrs in self._program if node.op_type == "BatchNormalization"]
+        seen = 0
+        try:
+            for seen, feeds in enumerate(batches, start=1):
+                for attrs in norms:
+                    attrs[_RECALIBRATE] = 1.0 / seen
+                self.run(feeds)
+        finally:
+            for attrs in norms:
+                attrs.pop(_RECALIBRATE, None)
+        return seen
+
+    @torch.no_grad()
     def write_back(self, model: ir.Model) -> None:
-        """Copy the current parameter values into `model`'s initializers of the same names."""
-        for name, param in self.named_weights():
+        """Copy the current parameter values and BatchNorm statistics into `model`'s initializers."""
+        current = [(name, param.detach()) for name, param in self.named_weights()]
+        current += [(name, self._constants[name]) for name in self._statistics]
+        for name, tensor in current:
             value = model.graph.initializers[name]
-            array = param.detach().cpu().numpy().astype(value.const_value.numpy().dtype, copy=True)
+            array = tensor.cpu().numpy().astype(value.const_value.numpy().dtype, copy=True)
             value.const_value = ir.tensor(array, name=name)
 
 

@@ -59,6 +59,9 @@ class CompareAllocators(ir.passes.InPlacePass):
     budget: str = "params"
     calibration: CalibrationData | None = field(default=None, repr=False)
     sparsities: tuple[float, ...] = QUALITY_SPARSITIES
+    recalibrate_bn: bool = False  # judge (and let the DP check) variants after BatchNorm recalibration
+    workers: int | None = None  # for the DP's refinement sweeps, as for the compile's own DP
+    ray_address: str | None = None
     progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -71,7 +74,7 @@ class CompareAllocators(ir.passes.InPlacePass):
         cost = budget_cost(model, groups, self.budget)
         calibration = self.calibration or CalibrationData.random(model)
         sensitivity = lookup(model, Sensitivity)
-        judge = _Judge(model, groups, calibration)
+        judge = _Judge(model, groups, calibration, self.recalibrate_bn)
         prunable = [g for g in groups.groups if g.prunable]
         comparison = AllocatorComparison(
             self.budget, self.sparsity, [g.index for g in prunable], {}, {}, judge.name, tuple(self.sparsities), {},
@@ -80,7 +83,8 @@ class CompareAllocators(ir.passes.InPlacePass):
         names = ["uniform", "global", "lamp"] + (["dp"] if sensitivity is not None else [])
         jobs = [(name, s) for name in names for s in (self.sparsity, *self.sparsities)]
         for name, sparsity in tqdm(jobs, desc="compare allocators", disable=not self.progress, leave=False):
-            allocation = _allocator(name, sparsity, self.budget, calibration).allocate(model, planner, cost)
+            allocator = self._allocator(name, sparsity, calibration)
+            allocation = allocator.allocate(model, planner, cost)
             if sparsity == self.sparsity and name not in comparison.achieved:
                 comparison.keep_fractions[name] = np.asarray([allocation.keep_units[g.index] / g.num_units for g in prunable])
                 comparison.achieved[name] = allocation.achieved
@@ -91,20 +95,22 @@ class CompareAllocators(ir.passes.InPlacePass):
         store(model, comparison)
         return ir.passes.PassResult(model, modified=False)
 
-
-def _allocator(name: str, sparsity: float, budget: str, calibration: CalibrationData) -> AllocatorPass:
-    if name == "dp":
-        return AllocateDP(sparsity, budget, calibration=calibration)
-    return {"uniform": AllocateUniform, "global": AllocateGlobal, "lamp": AllocateLAMP}[name](sparsity, budget)
+    def _allocator(self, name: str, sparsity: float, calibration: CalibrationData) -> AllocatorPass:
+        if name == "dp":
+            return AllocateDP(
+                sparsity, self.budget, calibration=calibration, recalibrate_bn=self.recalibrate_bn, workers=self.workers,
+                ray_address=self.ray_address,
+            )
+        return {"uniform": AllocateUniform, "global": AllocateGlobal, "lamp": AllocateLAMP}[name](sparsity, self.budget)
 
 
 class _Judge:
     """Scores a pruned variant on the calibration data, by the best measure the data allows."""
 
-    def __init__(self, model: ir.Model, groups: DependencyGroups, calibration: CalibrationData) -> None:
+    def __init__(self, model: ir.Model, groups: DependencyGroups, calibration: CalibrationData, recalibrate: bool) -> None:
         from pcc.backends.onnx.runtime import session
 
-        self.model, self.groups = model, groups
+        self.model, self.groups, self.recalibrate = model, groups, recalibrate
         self.batches = list(calibration.batches())
         self.reference = self._run(session(ir.serde.serialize_model(model).SerializeToString()))
         self.metric = resolve_metric("auto", self.reference)
@@ -130,6 +136,9 @@ class _Judge:
     def __call__(self, removed: np.ndarray) -> float:
         from pcc.backends.onnx.runtime import session
         from pcc.passes.transforms.prune_channels import pruned_copy
+        from pcc.passes.transforms.recalibrate_batchnorm import reestimate_batchnorm_statistics
 
         variant = pruned_copy(self.model, self.groups, removed)
+        if self.recalibrate:
+            reestimate_batchnorm_statistics(variant, [feeds for feeds, _ in self.batches])
         return self._quality(self._run(session(ir.serde.serialize_model(variant).SerializeToString())))

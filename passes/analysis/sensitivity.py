@@ -152,12 +152,12 @@ def resolve_metric(metric: str, reference: list[list[np.ndarray]]) -> str:
 _WORKER: dict[str, object] = {}
 
 
-def _worker_setup(model_bytes: bytes, groups: DependencyGroups, batches, reference, metric: str) -> None:
+def _worker_setup(model_bytes: bytes, groups: DependencyGroups, batches, reference, metric: str, recalibrate: bool) -> None:
     import onnx
 
     _WORKER.update(
         model=ir.serde.deserialize_model(onnx.load_from_string(model_bytes)),
-        groups=groups, batches=batches, reference=reference, metric=metric,
+        groups=groups, batches=batches, reference=reference, metric=metric, recalibrate=recalibrate,
     )
 
 
@@ -166,13 +166,26 @@ def _worker_evaluate(removed: np.ndarray) -> float:
     from pcc.passes.transforms.prune_channels import pruned_copy
 
     variant = pruned_copy(_WORKER["model"], _WORKER["groups"], removed)
+    if _WORKER["recalibrate"]:
+        from pcc.passes.transforms.recalibrate_batchnorm import reestimate_batchnorm_statistics
+
+        reestimate_batchnorm_statistics(variant, _WORKER["batches"])
     sess = session(ir.serde.serialize_model(variant).SerializeToString(), threads=1)
     outputs = [sess.run(None, feeds) for feeds in _WORKER["batches"]]
     return output_distortion(_WORKER["reference"], outputs, _WORKER["metric"])
 
 
-def _evaluate_chunk(setup_args, masks: list[np.ndarray]) -> list[float]:
+def _pool_worker_setup(*setup_args) -> None:
+    """In a worker process: torch (used to recalibrate) gets one thread, as onnxruntime does."""
+    if setup_args[-1]:
+        import torch
+
+        torch.set_num_threads(1)
     _worker_setup(*setup_args)
+
+
+def _evaluate_chunk(setup_args, masks: list[np.ndarray]) -> list[float]:
+    _pool_worker_setup(*setup_args)
     return [_worker_evaluate(mask) for mask in masks]
 
 
@@ -186,7 +199,16 @@ def measure_sensitivity(
     workers: int | None = None,
     ray_address: str | None = None,
     progress: bool = False,
+    recalibrate_bn: bool = False,
+    around: np.ndarray | None = None,
 ) -> Sensitivity:
+    """Each prunable group's distortion at each kept fraction, every other group at full width.
+
+    With `around` (kept units per group, an allocation), the curves are conditional instead: every other
+    group stays at its `around` width, the grid also holds the group's own `around` width, and the
+    distortion is measured relative to the `around` allocation itself (so it is 0 there and may be
+    negative where the group is wider). These curves capture how groups interact at that operating point.
+    """
     from pcc.backends.onnx.runtime import session
     from pcc.passes.allocation.allocation import RemovalPlanner, rounded_keep
 
@@ -199,30 +221,42 @@ def measure_sensitivity(
     fractions = np.asarray(sorted(set(float(f) for f in keep_fractions) | {1.0}))
     planner = RemovalPlanner(groups, scores)
     full = np.asarray([g.num_units for g in groups.groups], dtype=np.int64)
+    base = full if around is None else np.asarray(around, dtype=np.int64)
     prunable = [g for g in groups.groups if g.prunable]
-    keep_units = np.asarray([[rounded_keep(g, f * g.num_units) for f in fractions] for g in prunable], dtype=np.int64)
-    masks, where = [], []
+    grid = [[rounded_keep(g, f * g.num_units) for f in fractions] for g in prunable]
+    if around is not None:
+        grid = [sorted([*row, int(base[g.index])]) for row, g in zip(grid, prunable)]
+    keep_units = np.asarray(grid, dtype=np.int64)
+    masks, where = [planner.mask(base)], [None]  # the operating point itself first
     for row, group in enumerate(prunable):
         for column, kept in enumerate(keep_units[row]):
-            if kept < group.num_units:
-                keep = full.copy()
+            if kept != base[group.index]:
+                keep = base.copy()
                 keep[group.index] = kept
                 masks.append(planner.mask(keep))
                 where.append((row, column))
-    setup = (model_bytes, groups, batches, reference, metric)
+    if around is None:
+        masks, where = masks[1:], where[1:]  # the dense model's distortion is 0
+    setup = (model_bytes, groups, batches, reference, metric, recalibrate_bn)
     values = _run_jobs(setup, masks, workers, ray_address, progress)
+    offset = values[0] if around is not None else 0.0
     distortion = np.zeros(keep_units.shape)
-    for (row, column), value in zip(where, values):
-        distortion[row, column] = value
+    for place, value in zip(where, values):
+        if place is not None:
+            distortion[place] = value - offset
+    key = sensitivity_key(model_bytes, groups, scores, calibration, fractions, metric, recalibrate_bn)
+    if around is not None:
+        key = hashlib.sha256((key + base.tobytes().hex()).encode()).hexdigest()[:24]
     return Sensitivity(
-        key=sensitivity_key(model_bytes, groups, scores, calibration, fractions, metric),
+        key=key,
         metric=metric, keep_fractions=fractions, groups=[g.index for g in prunable], keep_units=keep_units,
         distortion=distortion, seconds=time.perf_counter() - start,
     )
 
 
 def joint_distortion(
-    model: ir.Model, groups: DependencyGroups, removed: np.ndarray, calibration: CalibrationData, metric: str
+    model: ir.Model, groups: DependencyGroups, removed: np.ndarray, calibration: CalibrationData, metric: str,
+    recalibrate_bn: bool = False,
 ) -> float:
     """Distortion of the model with all of `removed` pruned at once (to check additivity)."""
     from pcc.backends.onnx.runtime import session
@@ -230,7 +264,7 @@ def joint_distortion(
     model_bytes = ir.serde.serialize_model(model).SerializeToString()
     batches = list(calibration)
     dense = session(model_bytes)
-    _worker_setup(model_bytes, groups, batches, [dense.run(None, feeds) for feeds in batches], metric)
+    _worker_setup(model_bytes, groups, batches, [dense.run(None, feeds) for feeds in batches], metric, recalibrate_bn)
     try:
         return _worker_evaluate(removed)
     finally:
@@ -252,7 +286,7 @@ def _run_jobs(setup, masks: list[np.ndarray], workers: int | None, ray_address: 
     import multiprocessing
 
     # spawn, not fork: the parent may hold onnxruntime thread pools that a fork would copy half-alive
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup, initargs=setup) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_worker_setup, initargs=setup) as pool:
         chunk = max(1, len(masks) // (4 * workers))
         results = pool.map(_worker_evaluate, masks, chunksize=chunk)
         return list(tqdm(results, total=len(masks), desc="sensitivity", disable=not progress, leave=False))
@@ -274,13 +308,16 @@ def _run_on_ray(setup, masks: list[np.ndarray], address: str, progress: bool) ->
     return results
 
 
-def sensitivity_key(model_bytes: bytes, groups: DependencyGroups, scores, calibration: CalibrationData, fractions, metric: str) -> str:
+def sensitivity_key(
+    model_bytes: bytes, groups: DependencyGroups, scores, calibration: CalibrationData, fractions, metric: str, recalibrate_bn: bool
+) -> str:
     h = hashlib.sha256(model_bytes)
     h.update(np.asarray(scores, dtype=np.float64).tobytes())
     h.update(np.asarray([(g.num_units, g.unit_multiple) for g in groups.groups], dtype=np.int64).tobytes())
     h.update(calibration.digest().encode())
     h.update(np.asarray(fractions, dtype=np.float64).tobytes())
     h.update(metric.encode())
+    h.update(b"recalibrated" if recalibrate_bn else b"")
     return h.hexdigest()[:24]
 
 
@@ -298,6 +335,7 @@ class MeasureSensitivity(ir.passes.InPlacePass):
     workers: int | None = None
     ray_address: str | None = None
     cache: Path | None = None
+    recalibrate_bn: bool = False  # measure each variant after re-estimating its BatchNorm statistics
     progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -314,13 +352,15 @@ class MeasureSensitivity(ir.passes.InPlacePass):
         if cached is not None:
             fractions = np.asarray(sorted(set(self.keep_fractions) | {1.0}))
             model_bytes = ir.serde.serialize_model(model).SerializeToString()
-            if cached.key == sensitivity_key(model_bytes, groups, scores, calibration, fractions, cached.metric) and (
+            key = sensitivity_key(model_bytes, groups, scores, calibration, fractions, cached.metric, self.recalibrate_bn)
+            if cached.key == key and (
                 self.metric in ("auto", cached.metric)
             ):
                 store(model, cached)
                 return ir.passes.PassResult(model, modified=False)
         result = measure_sensitivity(
-            model, groups, scores, calibration, self.keep_fractions, self.metric, self.workers, self.ray_address, self.progress
+            model, groups, scores, calibration, self.keep_fractions, self.metric, self.workers, self.ray_address, self.progress,
+            self.recalibrate_bn,
         )
         if self.cache:
             result.save(self.cache)

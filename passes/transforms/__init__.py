@@ -5,6 +5,7 @@ from pcc.passes.transforms.finetune import FineTune, FineTuneReport
 from pcc.passes.transforms.fold_constants import FoldConstants
 from pcc.passes.transforms.mask_channels import MaskChannels
 from pcc.passes.transforms.prune_channels import PruneChannels, PruneReport
+from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
 from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "MaskChannels",
     "PruneChannels",
     "PruneReport",
+    "RecalibrateBatchNorm",
     "StaticReshapeTargets",
 ]

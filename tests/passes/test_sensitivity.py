@@ -75,3 +75,26 @@ def test_ray_local_mode_on_two_cpus_gives_the_serial_numbers(zoo_cache):
     finally:
         ray.shutdown()
     np.testing.assert_allclose(on_ray.distortion, serial.distortion, rtol=1e-5, atol=1e-9)
+
+
+def test_conditional_curves_are_measured_from_the_operating_point(zoo_cache):
+    """Around an allocation, each group's curve is 0 at its allocated width and the other groups stay there."""
+    from pcc.passes.allocation import AllocateUniform, Allocation
+    from pcc.passes.analysis import DependencyGroups, Importance
+    from pcc.passes.analysis.sensitivity import measure_sensitivity
+
+    model = zoo_cache.model("vgg")
+    calibration = CalibrationData.random(model, samples=8, batch_size=8)
+    result = Pipeline([*preparation_passes(), BuildDependencyGroups(), ScoreImportance(), AllocateUniform(0.5)]).run(model)
+    groups, around = result.get(DependencyGroups), result.get(Allocation).keep_units
+    conditional = measure_sensitivity(
+        model, groups, result.get(Importance).scores, calibration, FRACTIONS, "kl", workers=1, around=around
+    )
+    plain = measure_sensitivity(model, groups, result.get(Importance).scores, calibration, FRACTIONS, "kl", workers=1)
+    assert conditional.key != plain.key
+    for row, group in enumerate(conditional.groups):
+        at = np.flatnonzero(conditional.keep_units[row] == around[group])
+        assert at.size and np.all(conditional.distortion[row, at] == 0)
+        narrowest = conditional.keep_units[row, 0] < around[group]
+        assert not narrowest or conditional.distortion[row, 0] != 0  # narrowing further changes the outputs
+    assert not np.allclose(conditional.distortion[:, 0], plain.distortion[:, 0])  # the context matters

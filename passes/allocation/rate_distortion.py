@@ -32,37 +32,49 @@ __all__ = ["AllocateDP", "solve_rate_distortion"]
 
 _COST_BINS = 2000  # resolution of the discretised budget
 _MAX_OPTIONS = 64  # widths considered per group (evenly spread when a group has more)
+_BAND = 0.02  # the DP's summed saving may exceed what it is asked for by this fraction of the cost, no more
 
 
-def solve_rate_distortion(distortion: np.ndarray, saving: np.ndarray, required: int) -> tuple[np.ndarray, float]:
-    """Exact minimum of sum(distortion[g, choice[g]]) subject to sum(saving[g, choice[g]]) >= required.
+def solve_rate_distortion(
+    distortion: np.ndarray, saving: np.ndarray, required: int, limit: int | None = None
+) -> tuple[np.ndarray, float]:
+    """Exact minimum of sum(distortion[g, choice[g]]) subject to required <= sum(saving[g, choice[g]]) <= limit.
 
     `distortion` and `saving` are [groups, options] arrays (use +inf distortion for padding); savings are
-    non-negative integers. Returns the chosen option per group and the total distortion, which is +inf
-    when no choice removes enough. Runs in O(groups x options x required).
+    non-negative integers; no `limit` means no upper bound. The upper bound matters when measured
+    distortion is not monotone (pruning a group further can measure *lower*): without it the optimum may
+    remove far more than the budget asks. Returns the chosen option per group and the total distortion,
+    which is +inf when no choice lands in the range. Runs in O(groups x options x limit).
     """
     distortion = np.asarray(distortion, dtype=np.float64)
     saving = np.asarray(saving, dtype=np.int64)
     if (saving < 0).any():
         raise ValueError("savings must be non-negative")
     required = max(int(required), 0)
+    capped = limit is None  # without an upper bound, every saving >= required is one state
+    top = required if capped else max(int(limit), required)
     groups, options = distortion.shape
-    # best[b]: least distortion with the saving so far >= b (b capped at `required`)
-    best = np.full(required + 1, np.inf)
+    # best[b]: least distortion with the saving so far = b (with no limit, >= b at the cap b = required)
+    best = np.full(top + 1, np.inf)
     best[0] = 0.0
-    chosen = np.zeros((groups, required + 1), dtype=np.int64)  # option taken to reach a state
-    source = np.zeros((groups, required + 1), dtype=np.int64)  # the state it was taken from
-    states = np.arange(required + 1)
+    chosen = np.zeros((groups, top + 1), dtype=np.int64)  # option taken to reach a state
+    source = np.zeros((groups, top + 1), dtype=np.int64)  # the state it was taken from
+    states = np.arange(top + 1)
     for g in range(groups):
-        new = np.full(required + 1, np.inf)
+        new = np.full(top + 1, np.inf)
         for option in range(options):
             if not np.isfinite(distortion[g, option]):
                 continue
-            target = np.minimum(states + saving[g, option], required)
-            candidate = best + distortion[g, option]
-            # several states can land on the cap: visit them best-first so the minimum wins
+            target = states + saving[g, option]
+            if capped:
+                target = np.minimum(target, top)
+            keep = target <= top
+            if not keep.any():
+                continue
+            target, candidate, start = target[keep], (best + distortion[g, option])[keep], states[keep]
+            # several states can land on one target: visit them best-first so the minimum wins
             order = np.lexsort((candidate, target))
-            target, candidate, start = target[order], candidate[order], states[order]
+            target, candidate, start = target[order], candidate[order], start[order]
             first = np.r_[True, target[1:] != target[:-1]]
             target, candidate, start = target[first], candidate[first], start[first]
             better = candidate < new[target]
@@ -70,14 +82,15 @@ def solve_rate_distortion(distortion: np.ndarray, saving: np.ndarray, required: 
             chosen[g, target[better]] = option
             source[g, target[better]] = start[better]
         best = new
-    if not np.isfinite(best[required]):
+    state = required + int(np.argmin(best[required:]))
+    if not np.isfinite(best[state]):
         return np.zeros(groups, dtype=np.int64), float("inf")
+    total = float(best[state])
     picks = np.zeros(groups, dtype=np.int64)
-    state = required
     for g in range(groups - 1, -1, -1):
         picks[g] = chosen[g, state]
         state = source[g, state]
-    return picks, float(best[required])
+    return picks, total
 
 
 @dataclass
@@ -138,7 +151,10 @@ class AllocateDP(AllocatorPass):
 
         def keep_for(required: float) -> np.ndarray | None:
             step = cost.total / _COST_BINS
-            picks, total = solve_rate_distortion(distortion, np.floor(saving / step).astype(np.int64), int(np.ceil(required / step)))
+            lowest = int(np.ceil(required / step))
+            picks, total = solve_rate_distortion(
+                distortion, np.floor(saving / step).astype(np.int64), lowest, lowest + int(_BAND * _COST_BINS)
+            )
             if not np.isfinite(total):
                 return None
             keep = full.copy()

@@ -14,11 +14,13 @@ from pcc.passes.analysis import BuildDependencyGroups, DependencyGroups, ScoreIm
 from pcc.passes.analysis.sensitivity import MeasureSensitivity, Sensitivity
 
 
-def _brute_force(distortion, saving, required):
+def _brute_force(distortion, saving, required, limit=None):
     best, picks = np.inf, None
     for choice in itertools.product(*(range(distortion.shape[1]) for _ in range(distortion.shape[0]))):
         rows = np.arange(len(choice))
-        if saving[rows, choice].sum() >= required and distortion[rows, choice].sum() < best:
+        total = saving[rows, choice].sum()
+        in_range = total >= required and (limit is None or total <= limit)
+        if in_range and distortion[rows, choice].sum() < best:
             best, picks = distortion[rows, choice].sum(), choice
     return best, picks
 
@@ -27,12 +29,13 @@ def _brute_force(distortion, saving, required):
 def test_dp_is_exact_against_brute_force(trial):
     rng = np.random.default_rng(trial)
     groups, options = rng.integers(1, 5), rng.integers(1, 5)
-    distortion = rng.random((groups, options))
+    distortion = rng.random((groups, options)) - 0.3  # conditional curves can be negative
     distortion[rng.random((groups, options)) < 0.15] = np.inf  # padding options
     saving = rng.integers(0, 12, size=(groups, options))
     required = int(rng.integers(0, saving.max(axis=1).sum() + 3))
-    expected, _ = _brute_force(distortion, saving, required)
-    picks, total = solve_rate_distortion(distortion, saving, required)
+    limit = None if trial % 2 else required + int(rng.integers(0, 6))
+    expected, _ = _brute_force(distortion, saving, required, limit)
+    picks, total = solve_rate_distortion(distortion, saving, required, limit)
     if not np.isfinite(expected):
         assert not np.isfinite(total)
         return
@@ -40,6 +43,18 @@ def test_dp_is_exact_against_brute_force(trial):
     rows = np.arange(groups)
     assert distortion[rows, picks].sum() == pytest.approx(total)  # the backtracked choice is the optimum
     assert saving[rows, picks].sum() >= required
+    assert limit is None or saving[rows, picks].sum() <= limit
+
+
+def test_an_upper_limit_stops_a_free_lunch_from_overshooting_the_budget():
+    """Measured curves are not always monotone: if pruning a group further measures lower, the plain
+    minimum takes it and removes far more than asked; the limit keeps the saving in the band."""
+    distortion = np.array([[1.0, 0.5, 0.2], [0.0, 0.3, 0.6]])
+    saving = np.array([[0, 2, 10], [0, 2, 4]])
+    picks, _ = solve_rate_distortion(distortion, saving, 2)
+    assert saving[[0, 1], picks].sum() == 10  # the "free" deep cut
+    picks, _ = solve_rate_distortion(distortion, saving, 2, limit=3)
+    assert saving[[0, 1], picks].sum() == 2
 
 
 def test_dp_rejects_negative_savings():

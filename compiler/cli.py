@@ -30,11 +30,12 @@ from pcc.backends.onnx.writer import write_checked
 from pcc.compiler.calibration import load_calibration
 from pcc.compiler.errors import InvalidRequestError, PccError
 from pcc.compiler.frontend import load_onnx
-from pcc.compiler.pipeline import Pipeline, analysis_pipeline, channel_pruning_pipeline
+from pcc.compiler.pipeline import PRUNABLE_KINDS, Pipeline, analysis_pipeline, channel_pruning_pipeline
 from pcc.compiler.report import write_report
 from pcc.passes.allocation import ALLOCATORS, BUDGETS
 from pcc.passes.allocation.allocation import check_sparsity
 from pcc.passes.analysis import DependencyGroups
+from pcc.passes.analysis.attention import AttentionBlocks
 from pcc.passes.analysis.importance import CRITERIA, DATA_CRITERIA, REDUCTIONS
 from pcc.passes.transforms import FineTune, FineTuneReport
 
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="what to lower to (default: onnx)")
     compile_.add_argument("-o", "--output", type=Path, help="output file (default: ./MODEL.pruned.onnx)")
+    compile_.add_argument(
+        "--prune", default="channels", type=_kinds, metavar="KINDS",
+        help=f"what to remove, a comma list of {', '.join(PRUNABLE_KINDS)} (default: channels); "
+        "heads removes whole attention heads",
+    )
     compile_.add_argument("--importance", default="l2", choices=CRITERIA, help="unit importance criterion (default: l2)")
     compile_.add_argument(
         "--reduction", default="mean", choices=REDUCTIONS, help="how importance is reduced over a group's layers"
@@ -113,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--round-to", type=int, default=1, metavar="N", help="as for compile")
     inspect.add_argument("--verbose", action="store_true", help="list every group")
     return parser
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    unknown = [k for k in kinds if k not in PRUNABLE_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"cannot prune {', '.join(unknown) or 'nothing'}; choose from {', '.join(PRUNABLE_KINDS)}")
+    return kinds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,6 +191,7 @@ def _compile(args: argparse.Namespace) -> int:
         latency_repeats=args.repeats,
         compare_allocators=args.report is not None,
         recalibrate_bn=recalibrate_bn,
+        prune=args.prune,
         progress=progress,
     )
     result = pipeline.run(model, progress=progress)
@@ -233,6 +248,7 @@ def _inspect(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--round-to must be a positive integer, got {args.round_to}")
     result = analysis_pipeline(args.round_to).run(load_onnx(args.model))
     groups = result.get(DependencyGroups)
+    attention = result.get(AttentionBlocks)
     ops = Counter(node.op_type for node in result.model.graph)
     summary = {
         "model": str(args.model),
@@ -244,9 +260,11 @@ def _inspect(args: argparse.Namespace) -> int:
         "params": groups.total_params,
         "prunable_params": groups.prunable_params,
         "prunable_fraction": groups.prunable_fraction,
+        "attention_blocks": [block.to_json() for block in attention.blocks],
         "group_details": [
             {
                 "index": g.index,
+                "kind": g.kind,
                 "units": g.num_units,
                 "channels_per_unit": g.channels_per_unit,
                 "producers": g.producers,
@@ -267,6 +285,12 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  {group}")
     if not args.verbose and summary["prunable_groups"] > len(shown):
         print(f"  ... {summary['prunable_groups'] - len(shown)} more (--verbose lists all)")
+    print(f"attention  {attention.summary()}")
+    for block in attention.blocks if args.verbose else attention.blocks[:4]:
+        projections = f"Q {block.query}, K {block.key}, V {block.value}, O {block.output}" if block.weights else block.fused_op
+        print(f"  {block.name}: {block.heads} heads x {block.head_dim}; {projections}; residual {block.residual}, norm {block.norm}")
+    if not args.verbose and len(attention) > 4:
+        print(f"  ... {len(attention) - 4} more (--verbose lists all)")
     print(f"barriers   {len(groups.barriers)}")
     for barrier in groups.barriers:
         print(f"  {barrier.op} node '{barrier.node}': channels through it are not pruned")

@@ -99,7 +99,7 @@ def from_torch(
 
     if not isinstance(module, torch.nn.Module):
         raise PccError(f"from_torch expects a torch.nn.Module, got {type(module).__name__}")
-    was_training = module.training
+    modes = {m: m.training for m in module.modules()}  # restored one by one: a train() call would recurse
     module.eval()
     try:
         program = torch.onnx.export(
@@ -116,7 +116,8 @@ def from_torch(
     except Exception as exc:  # the exporter raises many unrelated types; all mean "cannot export"
         raise UnsupportedModelError(f"torch.onnx.export failed: {_first_line(exc)}") from None
     finally:
-        module.train(was_training)
+        for submodule, training in modes.items():
+            submodule.training = training
     return from_proto(ir.serde.serialize_model(program.model), source=type(module).__name__)
 
 

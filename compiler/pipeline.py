@@ -22,12 +22,14 @@ from pcc.compiler.errors import InvalidRequestError, PccError
 from pcc.compiler.calibration import CalibrationData
 from pcc.passes.allocation import ALLOCATORS, BUDGETS, AllocateDP
 from pcc.passes.allocation.compare import CompareAllocators
+from pcc.passes.analysis.attention import FindAttentionBlocks
 from pcc.passes.analysis.cost import MeasureCost
 from pcc.passes.analysis.dependency_groups import BuildDependencyGroups
 from pcc.passes.analysis.importance import CRITERIA, REDUCTIONS, ScoreImportance
 from pcc.passes.analysis.latency import MeasureLatency
 from pcc.passes.analysis.sensitivity import MeasureSensitivity
 from pcc.passes.analysis.shapes import InferMissingShapes
+from pcc.passes.transforms.canonical_attention import CanonicalAttentionLayout
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
 from pcc.passes.transforms.fold_constants import FoldConstants
 from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
@@ -144,20 +146,25 @@ class Pipeline:
 
 
 def preparation_passes() -> list[ir.passes.PassBase]:
-    """Make the imported graph analysable: real weight tensors, shapes, static reshapes, shuffles as Gathers."""
+    """Make the imported graph analysable: real weight tensors, shapes, static reshapes, attention heads
+    split in a layout the channel rules follow, shuffles as Gathers."""
     return [
         FoldConstants(),
         common_passes.ShapeInferencePass(strict_mode=False),
         InferMissingShapes(),
         StaticReshapeTargets(),
+        CanonicalAttentionLayout(),
         ChannelShuffleToGather(),
         common_passes.TopologicalSortPass(),
     ]
 
 
+PRUNABLE_KINDS = ("channels", "heads")  # what PruneChannels removes; blocks and tokens have their own passes
+
+
 def analysis_pipeline(round_to: int = 1) -> Pipeline:
-    """Preparation and dependency groups only: what `pcc inspect` runs."""
-    return Pipeline([*preparation_passes(), BuildDependencyGroups(round_to=round_to)])
+    """Preparation, attention blocks and dependency groups only: what `pcc inspect` runs."""
+    return Pipeline([*preparation_passes(), FindAttentionBlocks(), BuildDependencyGroups(round_to, PRUNABLE_KINDS)])
 
 
 def channel_pruning_pipeline(
@@ -177,6 +184,7 @@ def channel_pruning_pipeline(
     latency_repeats: int = 20,
     compare_allocators: bool = False,
     recalibrate_bn: bool = False,
+    prune: tuple[str, ...] = ("channels",),
     progress: bool = False,
 ) -> Pipeline:
     """The default `pcc compile` pipeline: prepare, group, score, [measure], allocate, prune, measure.
@@ -185,7 +193,9 @@ def channel_pruning_pipeline(
     `ray_address`, cached in `sensitivity_cache`); the `latency` budget adds a latency table measured in
     onnxruntime at batch `latency_batch`. `compare_allocators` records what every allocator would keep
     (for the report). `recalibrate_bn` re-estimates BatchNorm statistics on `calibration` after pruning,
-    and the sensitivity sweep and comparisons measure variants the same way.
+    and the sensitivity sweep and comparisons measure variants the same way. `prune` names what may
+    lose units: "channels" and/or "heads" (whole attention heads; `sparsity` is then a fraction of
+    the selected groups' cost).
     """
     if allocator not in ALLOCATORS:
         raise InvalidRequestError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATORS)}")
@@ -201,10 +211,14 @@ def channel_pruning_pipeline(
         raise InvalidRequestError("BatchNorm recalibration needs real calibration data (--calib)")
     if workers is not None and workers < 1:
         raise InvalidRequestError(f"--workers must be at least 1, got {workers}")
+    unknown = sorted(set(prune) - set(PRUNABLE_KINDS))
+    if unknown or not prune:
+        raise InvalidRequestError(f"cannot prune {', '.join(unknown) or 'nothing'}; choose from {', '.join(PRUNABLE_KINDS)}")
     passes: list[ir.passes.PassBase] = [
         *preparation_passes(),
         MeasureCost("before"),
-        BuildDependencyGroups(round_to=round_to),
+        FindAttentionBlocks(required_by="--prune heads" if "heads" in prune else None),
+        BuildDependencyGroups(round_to=round_to, prune=tuple(prune)),
         ScoreImportance(criterion=importance, reduction=reduction, seed=seed, calibration=calibration, progress=progress),
     ]
     if budget == "latency":

@@ -432,6 +432,80 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+# ------------------------------------------------------------------------------------- transformers
+
+
+class SequenceFirstAttention(nn.Module):
+    """`nn.MultiheadAttention` as most older code uses it, on [tokens, batch, features], with a post-norm FFN."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, heads)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = self.norm1(x + self.attention(x, x, x, need_weights=False)[0])
+        return self.norm2(x + self.ffn(x))
+
+
+class CausalSelfAttention(nn.Module):
+    """GPT-2's attention: one fused Q/K/V projection, a causal mask, an output projection."""
+
+    def __init__(self, dim: int, heads: int, context: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("causal", torch.tril(torch.ones(context, context, dtype=torch.bool)), persistent=False)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).split(dim, dim=2)
+        q, k, v = (t.view(batch, tokens, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5
+        scores = scores.masked_fill(~self.causal[:tokens, :tokens], float("-inf"))
+        out = scores.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = CausalSelfAttention(dim, heads, context)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attention(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """A pre-norm, GPT-2-style causal language model (token + position embeddings, tied-free head)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, layers: int = 2, context: int = 64) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(context, dim)
+        self.blocks = nn.Sequential(*(GPTBlock(dim, heads, context) for _ in range(layers)))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.head(self.ln(self.blocks(self.tokens(ids) + self.positions(positions))))
+
+
+def transformer_encoder(layers: int = 2, dim: int = 32, heads: int = 4) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    with torch.no_grad():  # the layers start as copies of one; trained layers differ
+        for parameter in encoder.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return encoder
+
+
 # ---------------------------------------------------------------------------------------------- zoo
 
 
@@ -439,6 +513,7 @@ class MLP(nn.Module):
 class ZooEntry:
     make: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
+    vocabulary: int = 0  # > 0: the input is token ids below this
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -457,6 +532,9 @@ ZOO: dict[str, ZooEntry] = {
     "yolo_neck": ZooEntry(lambda: YoloNeck(), (1, 3, 64, 64)),
     "vgg": ZooEntry(lambda: VGG(), (1, 3, 32, 32)),
     "mlp": ZooEntry(lambda: MLP(), (4, 32)),
+    "transformer_encoder": ZooEntry(lambda: transformer_encoder(), (2, 10, 32)),
+    "sequence_first_attention": ZooEntry(lambda: SequenceFirstAttention(), (10, 2, 32)),
+    "tiny_gpt": ZooEntry(lambda: TinyGPT(), (2, 12), vocabulary=64),
     # full-size architectures for the quickstart and benchmarks
     "resnet18": ZooEntry(lambda: ResNet(BasicBlock, (2, 2, 2, 2)), (1, 3, 224, 224)),
     "resnet50": ZooEntry(lambda: ResNet(Bottleneck, (3, 4, 6, 3)), (1, 3, 224, 224)),
@@ -485,4 +563,7 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     entry = ZOO[name]
     torch.manual_seed(seed)
     model = randomize_norms(entry.make(), seed).eval()
-    return model, torch.randn(entry.input_shape, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    if entry.vocabulary:
+        return model, torch.randint(0, entry.vocabulary, entry.input_shape, generator=generator)
+    return model, torch.randn(entry.input_shape, generator=generator)

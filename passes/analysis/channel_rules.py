@@ -604,7 +604,7 @@ def reshape_factors(in_dims: Dims, out_dims: Dims) -> list[tuple[list[int], list
     """Pair up runs of input and output axes whose sizes multiply to the same number.
 
     ``[N, C, H, W] -> [N, C*H*W]`` gives ``[([0], [0]), ([1, 2, 3], [1])]``. Size-1 axes form runs of
-    their own. Symbolic dims may only be carried over unchanged. Returns None if the shapes do not factor.
+    their own. Symbolic dims pair up only with symbolic dims. Returns None if the shapes do not factor.
     """
     runs: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -621,11 +621,19 @@ def reshape_factors(in_dims: Dims, out_dims: Dims) -> list[tuple[list[int], list
             runs.append(([], [j]))
             j += 1
         elif a is None or b is None:
-            if a is None and b is None:  # a symbolic dim carried over unchanged
-                runs.append(([i], [j]))
-                i, j = i + 1, j + 1
-                continue
-            return None
+            # Symbolic dims (batch, tokens) are never channels. A run of them on each side pairs up as one
+            # unlinked run, e.g. [L, N, H, d] -> [L*N, E]: the static runs after it must still factor, and
+            # since the totals agree, the symbolic products then agree too.
+            ins, outs = [], []
+            while i < len(in_dims) and in_dims[i] is None:
+                ins.append(i)
+                i += 1
+            while j < len(out_dims) and out_dims[j] is None:
+                outs.append(j)
+                j += 1
+            if not ins or not outs:
+                return None
+            runs.append((ins, outs))
         elif a == -1 or b == -1:
             return None
         else:
@@ -663,6 +671,12 @@ def _reshape_like(ctx: ChannelContext, x: ir.Value, y: ir.Value) -> None:
             continue
         if len(ins) == 1 and len(outs) == 1:
             ctx.link(x, ins[0], y, outs[0])
+            continue
+        if in_dims[ins[0]] is None:  # a run of symbolic dims: nothing to link
+            for a in ins:
+                ctx.accept(x, a)
+            for b in outs:
+                ctx.accept(y, b)
             continue
         # Flat position f inside the run belongs to block f // (run size / outer size) of each side's
         # outermost axis; linking those blocks makes a channel's whole block go with it.

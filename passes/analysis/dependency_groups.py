@@ -21,7 +21,8 @@ import onnx_ir as ir
 
 from pcc.compiler.errors import UnresolvedShapeError, UnsupportedModelError
 from pcc.passes.analysis.channel_rules import Dims, Role, rule_for
-from pcc.passes.results import store
+from pcc.passes.analysis.attention import AttentionBlocks
+from pcc.passes.results import lookup, store
 
 __all__ = [
     "Barrier",
@@ -69,6 +70,8 @@ class DependencyGroup:
     consumers: list[str]
     space_ids: list[int]
     cross_channel_norm: bool  # some unit is normalised across channels (LayerNorm): masking != removal
+    kind: str = "channels"  # "heads": each unit is one attention head (its Q/K/V/O slices)
+    enabled: bool = True  # False: the user did not ask to prune this kind (`--prune`)
 
     @property
     def units(self) -> slice:
@@ -76,8 +79,8 @@ class DependencyGroup:
 
     @property
     def min_units(self) -> int:
-        """Never prune a group to nothing; keep at least one round_to multiple."""
-        return min(self.num_units, self.unit_multiple)
+        """Never prune a group to nothing; keep at least one round_to multiple (all of a disabled group)."""
+        return min(self.num_units, self.unit_multiple) if self.enabled else self.num_units
 
     @property
     def prunable(self) -> bool:
@@ -92,7 +95,9 @@ class DependencyGroup:
         extra = f" x{self.channels_per_unit}ch" if self.channels_per_unit > 1 else ""
         norm = ", cross-channel norm" if self.cross_channel_norm else ""
         more = f" (+{len(self.producers) - 1} more)" if len(self.producers) > 1 else ""
-        return f"group {self.index}: {self.num_units} units{extra} from {self.name}{more}{norm}"
+        off = "" if self.enabled else f" [not pruned: {self.kind} not selected]"
+        units = "heads" if self.kind == "heads" else "units"
+        return f"group {self.index}: {self.num_units} {units}{extra} from {self.name}{more}{norm}{off}"
 
 
 @dataclass
@@ -325,8 +330,17 @@ class _Recorder:
         return self.space_offsets[space] + index
 
 
-def build_dependency_groups(graph: ir.Graph, round_to: int = 1) -> DependencyGroups:
-    """Run every node's channel rule and assemble units and groups (see the module docstring)."""
+def build_dependency_groups(
+    graph: ir.Graph,
+    round_to: int = 1,
+    head_weights: frozenset[str] = frozenset(),
+    kinds: tuple[str, ...] = ("channels",),
+) -> DependencyGroups:
+    """Run every node's channel rule and assemble units and groups (see the module docstring).
+
+    Groups produced by one of `head_weights` (attention Q/K/V projections) are of kind "heads"; only
+    groups whose kind is in `kinds` may lose units.
+    """
     if round_to < 1:
         raise ValueError("round_to must be >= 1")
     recorder = _Recorder()
@@ -342,7 +356,7 @@ def build_dependency_groups(graph: ir.Graph, round_to: int = 1) -> DependencyGro
     _freeze_outer_values_of_subgraphs(graph, recorder)
     for value in list(graph.inputs) + list(graph.outputs):
         recorder.freeze_all(value)  # the model's interface is never pruned
-    return _assemble(graph, recorder, barriers, round_to)
+    return _assemble(graph, recorder, barriers, round_to, head_weights, kinds)
 
 
 def _freeze_outer_values_of_subgraphs(graph: ir.Graph, recorder: _Recorder) -> None:
@@ -356,7 +370,10 @@ def _freeze_outer_values_of_subgraphs(graph: ir.Graph, recorder: _Recorder) -> N
                 recorder.freeze_all(value)
 
 
-def _assemble(graph: ir.Graph, rec: _Recorder, barriers: list[Barrier], round_to: int) -> DependencyGroups:
+def _assemble(
+    graph: ir.Graph, rec: _Recorder, barriers: list[Barrier], round_to: int, head_weights: frozenset[str],
+    kinds: tuple[str, ...],
+) -> DependencyGroups:
     labels = connected_components(
         rec.num_elements,
         np.concatenate(rec.edges_a) if rec.edges_a else np.empty(0, np.int64),
@@ -390,6 +407,9 @@ def _assemble(graph: ir.Graph, rec: _Recorder, barriers: list[Barrier], round_to
     normalised = unit_of_element[np.concatenate(rec.normalised_ids)] if rec.normalised_ids else np.empty(0, np.int64)
     normalised_units = new_id[np.unique(normalised[normalised >= 0])]
     groups = _describe_groups(group_of_unit[order], space_units, rec, normalised_units, round_to)
+    for group in groups:
+        group.kind = "heads" if head_weights.intersection(group.producers) else "channels"
+        group.enabled = group.kind in kinds
 
     spaces = [
         ChannelSpace(
@@ -522,11 +542,16 @@ class BuildDependencyGroups(ir.passes.InPlacePass):
     """Analysis: find the channels that must be removed together (stores `DependencyGroups`).
 
     `round_to` makes every group keep a multiple of that many channels (e.g. 8 for SIMD-friendly
-    widths); grouped and depthwise convolutions always keep whole groups.
+    widths); grouped and depthwise convolutions always keep whole groups. `prune` names the kinds of
+    group that may lose units: "channels", and "heads" (groups of attention heads, recognised when
+    `FindAttentionBlocks` ran first).
     """
 
     round_to: int = 1
+    prune: tuple[str, ...] = ("channels",)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        store(model, build_dependency_groups(model.graph, self.round_to))
+        attention = lookup(model, AttentionBlocks)
+        head_weights = frozenset(w for block in attention.blocks for w in block.weights) if attention else frozenset()
+        store(model, build_dependency_groups(model.graph, self.round_to, head_weights, tuple(self.prune)))
         return ir.passes.PassResult(model, modified=False)

@@ -30,6 +30,14 @@ def test_fx_graph_module_imports_like_its_module():
     np.testing.assert_allclose(run_onnx(model, feeds)[0], module(example).detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_export_restores_every_submodule_mode():
+    """A training-mode wrapper around an eval-mode model must not come back with the model's dropout on."""
+    inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).eval()
+    wrapper = torch.nn.Sequential(inner)  # a new module starts in training mode
+    from_torch(wrapper, (torch.randn(2, 4),))
+    assert wrapper.training and not inner.training and not inner[1].training
+
+
 def test_from_fx_rejects_plain_modules():
     module, example = zoo.build("mlp")
     with pytest.raises(PccError, match="GraphModule"):

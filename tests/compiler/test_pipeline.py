@@ -14,7 +14,7 @@ from pcc.passes.transforms import PruneChannels, PruneReport
 def test_pipeline_is_an_editable_printable_list():
     pipeline = channel_pruning_pipeline(0.4, allocator="uniform", round_to=8)
     text = repr(pipeline)
-    assert "BuildDependencyGroups(round_to=8)" in text and "AllocateUniform(sparsity=0.4, budget='params')" in text
+    assert "BuildDependencyGroups(round_to=8, prune=('channels',))" in text and "AllocateUniform(sparsity=0.4, budget='params')" in text
     position = pipeline.index(AllocateUniform)
     pipeline[position] = AllocateGlobal(sparsity=0.4)
     del pipeline[pipeline.index(PruneChannels) + 1 :]

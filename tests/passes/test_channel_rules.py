@@ -317,3 +317,6 @@ def test_reshape_factors():
     assert reshape_factors((None, 6), (None, 2, 3)) == [([0], [0]), ([1], [1, 2])]
     assert reshape_factors((4, 6), (5, 5)) is None
     assert reshape_factors((None, 6), (3, None)) is None
+    # merging symbolic batch and token dims in front of the channels (attention's [L, N, H, d] -> [L*N, E])
+    assert reshape_factors((None, None, 4, 8), (None, 32)) == [([0, 1], [0]), ([2, 3], [1])]
+    assert reshape_factors((None, None, 4, 8), (None, 31)) is None

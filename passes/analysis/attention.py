@@ -1,0 +1,293 @@
+"""FindAttentionBlocks: the multi-head attention blocks of a graph, recognised on the attention core.
+
+Exporters write attention in many layouts (fused or separate Q/K/V projections, heads merged with the
+batch axis, keys transposed before or after the head split), but every unfused export computes the same
+core: MatMul(Q, Kᵀ) → [scale] → [mask] → Softmax → MatMul(·, V). onnxscript patterns find that core;
+from its operands pcc walks back through pure data movement to the Q/K/V projections, and forward from
+the context to the output projection, the residual Add and the norm. Fused attention ops (opset-23
+`Attention`, `com.microsoft` `Attention`/`MultiHeadAttention`/`GroupQueryAttention`) are recorded from
+their attributes; pcc does not rewrite them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from pcc.compiler.errors import InvalidRequestError
+from pcc.passes.results import store
+
+__all__ = [
+    "AttentionBlock",
+    "AttentionBlocks",
+    "AttentionCore",
+    "FindAttentionBlocks",
+    "MOVEMENT_OPS",
+    "find_attention_cores",
+    "find_attention_blocks",
+    "movement_source",
+]
+
+# ops that only move elements: a chain of them between a projection and the core keeps every value
+MOVEMENT_OPS = frozenset("Reshape Transpose Squeeze Unsqueeze Gather Slice Split Identity Flatten".split())
+_FUSED_OPS = {
+    ("", "Attention"): "q_num_heads",
+    ("com.microsoft", "Attention"): "num_heads",
+    ("com.microsoft", "MultiHeadAttention"): "num_heads",
+    ("com.microsoft", "GroupQueryAttention"): "num_heads",
+}
+
+
+def _core_pattern(scale_op: str | None, mask_op: str | None) -> pattern.Pattern:
+    def core(op, q, kt, v, scale, mask, fill):
+        scores = op.MatMul(q, kt)
+        if scale_op is not None:
+            scores = getattr(op, scale_op)(scores, scale)
+        if mask_op == "Add":
+            scores = op.Add(scores, mask)
+        elif mask_op == "Where":  # keep where the mask holds
+            scores = op.Where(mask, scores, fill)
+        elif mask_op == "WhereNot":  # masked_fill: fill where the mask holds
+            scores = op.Where(mask, fill, scores)
+        return op.MatMul(op.Softmax(scores), v)
+
+    return pattern.Pattern(core, name=f"attention_core(scale={scale_op}, mask={mask_op})")
+
+
+_CORE_PATTERNS = [_core_pattern(s, m) for s, m in itertools.product((None, "Mul", "Div"), (None, "Add", "Where", "WhereNot"))]
+
+
+@dataclass(frozen=True)
+class AttentionCore:
+    """One matched core: its operands (after any scalar scaling), softmax and context."""
+
+    query: ir.Value  # Q as the scores MatMul reads it, [..., S, d]
+    key: ir.Value  # Kᵀ as the scores MatMul reads it, [..., d, S]
+    value: ir.Value  # V, [..., S, d]
+    scores: ir.Node  # MatMul(Q, Kᵀ)
+    softmax: ir.Node
+    context: ir.Node  # MatMul(probabilities, V)
+    mask: ir.Value | None  # the additive mask or Where condition
+
+
+def _is_scalar_constant(value: ir.Value) -> bool:
+    return value.const_value is not None and value.const_value.size == 1
+
+
+def _strip_scaling(value: ir.Value) -> ir.Value:
+    """The operand before any Mul/Div by a scalar constant (exporters scale Q and K by d**-0.25 each)."""
+    while (node := value.producer()) is not None and node.op_type in ("Mul", "Div") and _is_scalar_constant(node.inputs[1]):
+        value = node.inputs[0]
+    return value
+
+
+def find_attention_cores(model: ir.Model) -> list[AttentionCore]:
+    """Every unfused attention core of the main graph, in graph order."""
+    cores = []
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        for core_pattern in _CORE_PATTERNS:
+            match = core_pattern.match(model, model.graph, node, check_nodes_are_removable=False)
+            if match:
+                softmax = node.inputs[0].producer()
+                scores = next(n for n in match.nodes if n.op_type == "MatMul" and n is not node)
+                cores.append(
+                    AttentionCore(
+                        query=_strip_scaling(match.bindings["q"]), key=_strip_scaling(match.bindings["kt"]),
+                        value=match.bindings["v"], scores=scores, softmax=softmax, context=node,
+                        mask=match.bindings.get("mask"),
+                    )
+                )
+                break
+    return cores
+
+
+def movement_source(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
+    """Walk back through data-movement ops (and constant index Gathers) to the tensor they rearrange."""
+    chain = []
+    while (node := value.producer()) is not None and node.op_type in MOVEMENT_OPS:
+        if node.op_type == "Gather" and (node.inputs[0].const_value is not None or node.inputs[1].const_value is None):
+            break  # an embedding lookup, or an index computed at run time: not a rearrangement
+        chain.append(node)
+        value = node.inputs[0]
+    return value, chain
+
+
+def _is_weight(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.const_value.size > 1
+
+
+def _projection_of(source: ir.Value) -> ir.Node | None:
+    """The MatMul/Gemm with a constant weight that produced `source` (possibly through a bias Add)."""
+    node = source.producer()
+    if node is not None and node.op_type == "Add":
+        data = [v for v in node.inputs if not _is_weight(v)]
+        node = data[0].producer() if len(data) == 1 else None
+    if node is not None and node.op_type in ("MatMul", "Gemm") and _is_weight(node.inputs[1]):
+        return node
+    return None
+
+
+def _only_consumer(value: ir.Value) -> ir.Node | None:
+    users = {use.node for use in value.uses()}
+    return users.pop() if len(users) == 1 else None
+
+
+def output_chain(context: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
+    """Forward from the core's context through data movement to the output projection."""
+    chain = []
+    value = context
+    while (node := _only_consumer(value)) is not None:
+        if node.op_type in ("MatMul", "Gemm") and node.inputs[0] is value and _is_weight(node.inputs[1]):
+            return node, chain
+        if node.op_type not in MOVEMENT_OPS or node.inputs[0] is not value:
+            break
+        chain.append(node)
+        value = node.outputs[0]
+    return None, chain
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One multi-head attention block: what head and token pruning rewrite, and `pcc inspect` lists."""
+
+    name: str  # the softmax node, or the fused op
+    heads: int
+    head_dim: int
+    query: str | None  # projection nodes (MatMul/Gemm); None where the walk did not reach one
+    key: str | None
+    value: str | None
+    output: str | None
+    softmax: str | None
+    probabilities: str | None  # the softmax output, [batch, heads, queries, keys]
+    mask: str | None
+    residual: str | None  # the Add that closes the block's residual branch
+    norm: str | None  # the LayerNormalization right after the residual Add (post-norm) or before Q (pre-norm)
+    weights: tuple[str, ...] = ()  # the Q/K/V projection weights (one if fused): what makes a group "heads"
+    fused_op: str | None = None  # "domain:op" of a fused attention node
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AttentionBlocks:
+    """The result of `FindAttentionBlocks`."""
+
+    META_KEY = "pcc.attention_blocks"
+    PRODUCED_BY = "FindAttentionBlocks"
+
+    blocks: list[AttentionBlock]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def summary(self) -> str:
+        if not self.blocks:
+            return "none"
+        shapes = sorted({(b.heads, b.head_dim) for b in self.blocks})
+        kinds = ", ".join(f"{h} heads x {d}" for h, d in shapes)
+        return f"{len(self.blocks)} blocks ({kinds})"
+
+
+def _residual_and_norm(output: ir.Node | None, query: ir.Node | None) -> tuple[str | None, str | None]:
+    residual = norm = None
+    if output is not None:
+        value = output.outputs[0]
+        node = _only_consumer(value)
+        if node is not None and node.op_type == "Add" and any(_is_weight(v) for v in node.inputs):
+            value, node = node.outputs[0], _only_consumer(node.outputs[0])  # the output projection's bias
+        while node is not None and node.op_type in MOVEMENT_OPS:  # e.g. back from [L*N, E] to [N, L, E]
+            value, node = node.outputs[0], _only_consumer(node.outputs[0])
+        if node is not None and node.op_type == "Add" and not any(v.const_value is not None for v in node.inputs):
+            residual = node.name
+            after = _only_consumer(node.outputs[0])
+            if after is not None and after.op_type == "LayerNormalization":
+                norm = after.name
+    if norm is None and query is not None:
+        before = query.inputs[0].producer()
+        if before is not None and before.op_type == "LayerNormalization":
+            norm = before.name
+    return residual, norm
+
+
+def _block_from_core(core: AttentionCore) -> AttentionBlock:
+    projections = [_projection_of(movement_source(v)[0]) for v in (core.query, core.key, core.value)]
+    output, _ = output_chain(core.context.outputs[0])
+    context_shape = core.context.outputs[0].shape
+    head_dim = context_shape[-1] if context_shape is not None else None
+    heads = None
+    if output is not None and isinstance(head_dim, int):
+        weight = output.inputs[1].const_value
+        trans_b = output.op_type == "Gemm" and output.attributes.get_int("transB", 0)
+        features = weight.shape[1] if trans_b else weight.shape[0]
+        heads = features // head_dim
+    elif context_shape is not None and len(context_shape) == 4:
+        heads = context_shape[-3]
+    residual, norm = _residual_and_norm(output, projections[0])
+    return AttentionBlock(
+        name=core.softmax.name,
+        heads=heads if isinstance(heads, int) else 0,
+        head_dim=head_dim if isinstance(head_dim, int) else 0,
+        query=projections[0].name if projections[0] else None,
+        key=projections[1].name if projections[1] else None,
+        value=projections[2].name if projections[2] else None,
+        output=output.name if output is not None else None,
+        softmax=core.softmax.name,
+        probabilities=core.softmax.outputs[0].name,
+        mask=core.mask.name if core.mask is not None else None,
+        residual=residual,
+        norm=norm,
+        weights=tuple(dict.fromkeys(p.inputs[1].name for p in projections if p is not None)),
+    )
+
+
+def _fused_block(node: ir.Node, heads_attribute: str) -> AttentionBlock:
+    heads = node.attributes.get_int(heads_attribute, 0)
+    query_shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
+    head_dim = 0
+    if query_shape is not None and isinstance(query_shape[-1], int):
+        head_dim = query_shape[-1] if len(query_shape) == 4 else query_shape[-1] // max(heads, 1)
+        if len(query_shape) == 4 and isinstance(query_shape[1], int):
+            heads = heads or query_shape[1]
+    return AttentionBlock(
+        name=node.name, heads=heads, head_dim=head_dim, query=None, key=None, value=None, output=None,
+        softmax=None, probabilities=None, mask=None, residual=None, norm=None,
+        fused_op=f"{node.domain or 'ai.onnx'}:{node.op_type}",
+    )
+
+
+def find_attention_blocks(model: ir.Model) -> AttentionBlocks:
+    blocks = [_block_from_core(core) for core in find_attention_cores(model)]
+    for node in model.graph:
+        heads_attribute = _FUSED_OPS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
+        if heads_attribute is not None:
+            blocks.append(_fused_block(node, heads_attribute))
+    return AttentionBlocks(blocks)
+
+
+@dataclass
+class FindAttentionBlocks(ir.passes.InPlacePass):
+    """Analysis: record every multi-head attention block (heads, head dim, projections, softmax, residual, norm).
+
+    `required_by` names a request that needs attention (e.g. "--prune heads"): a model without any
+    rewritable block is then a bad request, not an empty result.
+    """
+
+    required_by: str | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        blocks = find_attention_blocks(model)
+        if self.required_by and not any(b.weights for b in blocks.blocks):
+            fused = sorted({b.fused_op for b in blocks.blocks if b.fused_op})
+            found = f"only fused attention ops ({', '.join(fused)}), which pcc does not rewrite" if fused else "none"
+            raise InvalidRequestError(
+                f"{self.required_by} needs multi-head attention, but the model has no MatMul -> Softmax -> MatMul "
+                f"attention core with Q/K/V projections (found: {found})"
+            )
+        store(model, blocks)
+        return ir.passes.PassResult(model, False)

@@ -1,0 +1,230 @@
+"""CanonicalAttentionLayout: rewrite how Q, K, V and the context are split into and merged from heads.
+
+`torch.nn.MultiheadAttention` exports its head split as Reshape → Unsqueeze → Transpose → Squeeze →
+Gather → Reshape([L, N*H, d]) → Transpose → Reshape([N, H, L, d]), with the head count merged into the
+batch axis and the targets computed at run time. The channel analysis cannot follow a head through an
+axis it shares with the batch, so such attention would never lose a head. Every such chain only moves
+elements, so it equals a canonical one: [Slice of the fused projection] → Reshape([0, .., 0, H, d]) →
+Transpose (and Transpose → Reshape([.., E]) on the way out), which the channel rules do follow.
+
+Which canonical chain a given export equals is read off, not guessed: the model is run once in
+onnxruntime with each chain's input replaced by its own element indices, and the chain's output says
+where every element went. A chain whose elements do not move as heads (a layout pcc does not know) is
+left alone, and its heads stay unprunable.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from pcc.passes.analysis.attention import find_attention_cores, movement_source, output_chain
+
+__all__ = ["CanonicalAttentionLayout"]
+
+_PROBE_SIZES = (5, 7, 11, 13, 17, 19)  # concrete sizes for symbolic dims: distinct, and unlike head counts
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """Data movement from `start` (a projection output, or the core's context) to `end`."""
+
+    start: ir.Value
+    end: ir.Value
+    into_heads: bool  # projection → core operand; False: context → output projection
+
+
+def _is_canonical(chain: list[ir.Node]) -> bool:
+    """At most a Slice/Split, one Reshape with a constant target, and Transposes."""
+    kinds = [node.op_type for node in chain]
+    reshapes = [node for node in chain if node.op_type == "Reshape"]
+    return (
+        len(reshapes) <= 1
+        and all(node.inputs[1].const_value is not None for node in reshapes)
+        and set(kinds) <= {"Reshape", "Transpose", "Slice", "Split"}
+        and kinds.count("Slice") + kinds.count("Split") <= 1
+    )
+
+
+def _chains(model: ir.Model) -> list[_Chain]:
+    chains = []
+    for core in find_attention_cores(model):
+        for operand in (core.query, core.key, core.value):
+            source, chain = movement_source(operand)
+            if chain and not _is_canonical(chain):
+                chains.append(_Chain(source, operand, into_heads=True))
+        output, chain = output_chain(core.context.outputs[0])
+        if output is not None and chain and not _is_canonical(chain):
+            chains.append(_Chain(core.context.outputs[0], output.inputs[0], into_heads=False))
+    return chains
+
+
+def _concrete_shape(value: ir.Value, sizes: dict[str, int]) -> tuple[int, ...] | None:
+    if value.shape is None:
+        return None
+    dims = []
+    for dim in value.shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif dim.value is not None and dim.value in sizes:
+            dims.append(sizes[dim.value])
+        else:
+            return None
+    return tuple(dims)
+
+
+def _probe(model: ir.Model, chains: list[_Chain]) -> dict[str, np.ndarray]:
+    """Run the model with every chain start fed its own flat element indices; the chain ends, by name."""
+    from pcc.backends.onnx.runtime import session
+
+    names = {dim.value for v in model.graph.inputs if v.shape for dim in v.shape if isinstance(dim, ir.SymbolicDim)}
+    sizes = dict(zip(sorted(n for n in names if n), _PROBE_SIZES))
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for value in model.graph.inputs:
+        shape = _concrete_shape(value, sizes)
+        if shape is None:
+            return {}
+        dtype = value.dtype.numpy()
+        feeds[value.name] = (rng.standard_normal(shape) if dtype.kind == "f" else np.ones(shape)).astype(dtype)
+    proto = ir.serde.serialize_model(model)
+    producers = {output: node for node in proto.graph.node for output in node.output}
+    starts = {}
+    for chain in chains:
+        shape = _concrete_shape(chain.start, sizes)
+        if shape is None or chain.start.dtype != ir.DataType.FLOAT or chain.start.name in starts:
+            continue
+        starts[chain.start.name] = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+        node = producers[chain.start.name]
+        node.output[list(node.output).index(chain.start.name)] = f"{chain.start.name}__pcc_probe_unused"
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(chain.start.name, onnx.TensorProto.FLOAT, shape))
+    ends = [c.end.name for c in chains if c.start.name in starts]
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in ends)
+    results = session(proto.SerializeToString()).run(ends, {**feeds, **starts})
+    return {**{f"start:{k}": v for k, v in starts.items()}, **dict(zip(ends, results))}
+
+
+def _slopes(coordinate: np.ndarray) -> list[int | None]:
+    """Per axis, the constant step of `coordinate` along it (None if not constant)."""
+    steps = []
+    for axis in range(coordinate.ndim):
+        diff = np.diff(coordinate, axis=axis)
+        steps.append(int(diff.flat[0]) if diff.size and np.all(diff == diff.flat[0]) else (0 if not diff.size else None))
+    return steps
+
+
+def _add(graph: ir.Graph, after: ir.Node | None, op: str, inputs, name: str, shape, dtype, **attributes) -> ir.Value:
+    node = ir.node(op, inputs, attributes=attributes, name=name)
+    node.outputs[0].name = f"{name}_out"
+    node.outputs[0].shape, node.outputs[0].dtype = ir.Shape(shape), dtype
+    if after is None:
+        graph.insert_before(next(iter(graph)), node)
+    else:
+        graph.insert_after(after, node)
+    return node.outputs[0]
+
+
+def _constant(graph: ir.Graph, name: str, values) -> ir.Value:
+    array = np.asarray(values, dtype=np.int64)
+    value = ir.Value(name=name, const_value=ir.tensor(array), shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64))
+    graph.register_initializer(value)
+    return value
+
+
+def _split_into_heads(graph: ir.Graph, chain: _Chain, source: np.ndarray, moved: np.ndarray, tag: str) -> bool:
+    """Replace a projection → operand chain by Slice → Reshape(.., H, d) → Transpose, if that is what it does."""
+    coordinates = np.unravel_index(moved.astype(np.int64), source.shape)
+    feature, rank = coordinates[-1], source.ndim
+    slopes = _slopes(feature)
+    if moved.ndim != rank + 1 or None in slopes or 1 not in slopes:
+        return False
+    dim_axis = slopes.index(1)
+    head_dim = moved.shape[dim_axis]
+    head_axes = [a for a, s in enumerate(slopes) if s == head_dim and a != dim_axis]
+    if len(head_axes) != 1 or sum(1 for s in slopes if s) != 2:
+        return False
+    head_axis, heads = head_axes[0], moved.shape[head_axes[0]]
+    offset, width = int(feature.flat[0]), heads * head_dim
+    index = np.indices(moved.shape)
+    perm = [0] * moved.ndim
+    perm[head_axis], perm[dim_axis] = rank - 1, rank
+    free = [a for a in range(moved.ndim) if a not in (head_axis, dim_axis)]
+    for source_axis in range(rank - 1):
+        matches = [a for a in free if np.array_equal(coordinates[source_axis], index[a])]
+        if len(matches) != 1:
+            return False
+        perm[matches[0]] = source_axis
+        free.remove(matches[0])
+    start, dtype = chain.start, chain.start.dtype
+    after = start.producer()
+    x = start
+    if (offset, width) != (0, source.shape[-1]):
+        x = _add(graph, after, "Slice", [x, _constant(graph, f"{tag}_starts", [offset]), _constant(graph, f"{tag}_ends", [offset + width]),
+                 _constant(graph, f"{tag}_axes", [-1])], f"{tag}_slice", list(start.shape)[:-1] + [width], dtype)
+        after = x.producer()
+    x = _add(graph, after, "Reshape", [x, _constant(graph, f"{tag}_shape", [0] * (rank - 1) + [heads, head_dim])],
+             f"{tag}_split_heads", list(start.shape)[:-1] + [heads, head_dim], dtype)
+    x = _add(graph, x.producer(), "Transpose", [x], f"{tag}_transpose", list(chain.end.shape), dtype, perm=perm)
+    ir.convenience.replace_all_uses_with(chain.end, x)
+    return True
+
+
+def _merge_heads(graph: ir.Graph, chain: _Chain, context: np.ndarray, moved: np.ndarray, tag: str) -> bool:
+    """Replace a context → output-projection chain by Transpose → Reshape([.., H*d]), if that is what it does."""
+    coordinates = np.unravel_index(moved.astype(np.int64), context.shape)
+    if context.ndim != 4 or moved.ndim < 2:
+        return False
+    head_dim = context.shape[-1]
+    feature = np.indices(moved.shape)[-1]
+    head_axes = [a for a in range(3) if np.array_equal(coordinates[a] * head_dim + coordinates[3], feature)]
+    if len(head_axes) != 1:
+        return False
+    head_axis = head_axes[0]
+    lead_shape = moved.shape[:-1]
+    lead = np.ravel_multi_index(np.indices(moved.shape)[:-1], lead_shape) if lead_shape else np.zeros_like(feature)
+    others = [a for a in range(3) if a != head_axis]
+    for order in itertools.permutations(others):
+        flat = np.ravel_multi_index([coordinates[a] for a in order], [context.shape[a] for a in order])
+        if not np.array_equal(flat, lead):
+            continue
+        if len(lead_shape) == len(order) and all(moved.shape[i] == context.shape[a] for i, a in enumerate(order)):
+            target = [0] * len(order) + [moved.shape[-1]]
+        elif len(lead_shape) == 1:
+            target = [-1, moved.shape[-1]]
+        else:
+            return False
+        start, dtype = chain.start, chain.start.dtype
+        shape = [start.shape[a] for a in (*order, head_axis, 3)]
+        x = _add(graph, start.producer(), "Transpose", [start], f"{tag}_transpose", shape, dtype, perm=[*order, head_axis, 3])
+        x = _add(graph, x.producer(), "Reshape", [x, _constant(graph, f"{tag}_shape", target)], f"{tag}_merge_heads",
+                 list(chain.end.shape), dtype)
+        ir.convenience.replace_all_uses_with(chain.end, x)
+        return True
+    return False
+
+
+@dataclass
+class CanonicalAttentionLayout(ir.passes.InPlacePass):
+    """Transform: head split/merge chains of attention blocks as Slice/Reshape/Transpose the channel rules follow."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        chains = _chains(model)
+        if not chains:
+            return ir.passes.PassResult(model, False)
+        probed = _probe(model, chains)
+        modified = False
+        for number, chain in enumerate(chains):
+            if chain.end.name not in probed:
+                continue
+            source, moved = probed[f"start:{chain.start.name}"], probed[chain.end.name]
+            rewrite = _split_into_heads if chain.into_heads else _merge_heads
+            modified |= rewrite(model.graph, chain, source, moved, f"pcc_attention{number}")
+        if modified:
+            common_passes.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified)

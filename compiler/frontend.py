@@ -85,6 +85,7 @@ def from_torch(
     opset_version: int | None = None,
     optimize: bool = True,
     dynamic_batch: bool = False,
+    dynamic_sequence: bool = False,
 ) -> ir.Model:
     """Export a PyTorch `nn.Module` with `torch.onnx.export(dynamo=True)` and return the IR.
 
@@ -93,7 +94,8 @@ def from_torch(
     BatchNorm into the preceding convolution; `optimize=False` keeps BatchNormalization nodes (needed
     by the `bn` importance criterion). `dynamic_batch` makes axis 0 of every input symbolic, so the
     model takes any batch size (calibration, fine-tuning, serving); give examples with a batch of 2 or
-    more, since the exporter specialises a batch of 1.
+    more, since the exporter specialises a batch of 1. `dynamic_sequence` does the same for axis 1 of
+    every input of rank 2 or more (token pruning needs it: later layers see fewer tokens than the input).
     """
     import torch
 
@@ -110,7 +112,7 @@ def from_torch(
             output_names=list(output_names) if output_names else None,
             opset_version=opset_version,
             optimize=optimize,
-            dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in example_inputs) if dynamic_batch else None,
+            dynamic_shapes=_dynamic_shapes(example_inputs, dynamic_batch, dynamic_sequence),
             verbose=False,
         )
     except Exception as exc:  # the exporter raises many unrelated types; all mean "cannot export"
@@ -119,6 +121,15 @@ def from_torch(
         for submodule, training in modes.items():
             submodule.training = training
     return from_proto(ir.serde.serialize_model(program.model), source=type(module).__name__)
+
+
+def _dynamic_shapes(example_inputs: Sequence[Any], batch: bool, sequence: bool) -> tuple | None:
+    import torch
+
+    if not (batch or sequence):
+        return None
+    axes = ([0] if batch else []) + ([1] if sequence else [])
+    return tuple({a: torch.export.Dim.DYNAMIC for a in axes if a < x.dim()} for x in example_inputs)
 
 
 def from_fx(graph_module: Any, example_inputs: Sequence[Any], **kwargs: Any) -> ir.Model:

@@ -7,6 +7,7 @@ from pcc.passes.transforms.fold_constants import FoldConstants
 from pcc.passes.transforms.mask_channels import MaskChannels
 from pcc.passes.transforms.prune_blocks import BlockPruneReport, PruneBlocks
 from pcc.passes.transforms.prune_channels import PruneChannels, PruneReport
+from pcc.passes.transforms.prune_tokens import PruneTokens, TokenPruneReport, token_keep_schedule
 from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
 from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 
@@ -21,6 +22,9 @@ __all__ = [
     "PruneBlocks",
     "PruneChannels",
     "PruneReport",
+    "PruneTokens",
     "RecalibrateBatchNorm",
     "StaticReshapeTargets",
+    "TokenPruneReport",
+    "token_keep_schedule",
 ]

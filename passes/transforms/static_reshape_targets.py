@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-__all__ = ["StaticReshapeTargets"]
+__all__ = ["StaticReshapeTargets", "shape_entries"]
 
 Entry = int | ir.SymbolicDim | None  # a known size, a named symbolic size, or unknown
 
@@ -26,7 +26,7 @@ def _attr(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
-def _entries(value: ir.Value) -> list[Entry] | None:
+def shape_entries(value: ir.Value) -> list[Entry] | None:
     """The 1-D integer tensor `value` as a list of sizes, followed through shape arithmetic; None if unknown."""
     if value.const_value is not None:
         array = value.const_value.numpy()
@@ -42,14 +42,14 @@ def _entries(value: ir.Value) -> list[Entry] | None:
         start, end = _attr(node, "start", 0), _attr(node, "end", rank)
         return [d if isinstance(d, int) else d for d in list(shape.dims)[slice(start, end)]]
     if node.op_type in ("Squeeze", "Unsqueeze", "Identity", "Cast") or (
-        node.op_type == "Reshape" and _entries(node.inputs[1]) in ([-1], [1])
+        node.op_type == "Reshape" and shape_entries(node.inputs[1]) in ([-1], [1])
     ):
-        return _entries(node.inputs[0])
+        return shape_entries(node.inputs[0])
     if node.op_type == "Concat" and _attr(node, "axis", 0) in (0, -1):
-        parts = [_entries(v) for v in node.inputs]
+        parts = [shape_entries(v) for v in node.inputs]
         return None if any(p is None for p in parts) else [e for p in parts for e in p]
     if node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
-        data, indices = _entries(node.inputs[0]), node.inputs[1].const_value
+        data, indices = shape_entries(node.inputs[0]), node.inputs[1].const_value
         if data is None or indices is None:
             return None
         return [data[int(i)] for i in indices.numpy().reshape(-1)]
@@ -86,7 +86,7 @@ class StaticReshapeTargets(ir.passes.InPlacePass):
         for node in list(model.graph):
             if node.op_type != "Reshape" or node.inputs[1].const_value is not None:
                 continue
-            entries = _entries(node.inputs[1])
+            entries = shape_entries(node.inputs[1])
             target = None if entries is None else _static_target(node.inputs[0], entries, _attr(node, "allowzero", 0))
             if target is None:
                 continue

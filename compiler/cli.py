@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument(
         "--prune", default="channels", type=_kinds, metavar="KINDS",
         help=f"what to remove, a comma list of {', '.join(PRUNABLE_KINDS)} (default: channels); "
-        "heads removes whole attention heads",
+        "heads removes whole attention heads, blocks whole residual blocks (transformer layers, ResNet blocks), "
+        "tokens applies SpAtten's cascade token pruning; --sparsity applies to each kind named",
     )
     compile_.add_argument("--importance", default="l2", choices=CRITERIA, help="unit importance criterion (default: l2)")
     compile_.add_argument(
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument(
         "--latency-batch", type=int, default=1, metavar="N", help="batch size latency is measured at (default: 1)"
+    )
+    compile_.add_argument(
+        "--latency-length", type=int, default=128, metavar="N",
+        help="size of other symbolic input axes (a sequence length) when measuring latency (default: 128)"
     )
     compile_.add_argument(
         "--round-to", type=int, metavar="N", help="keep channel counts multiples of N (default: the target's, 8 for onnx)"
@@ -156,13 +161,15 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def _compile(args: argparse.Namespace) -> int:
     check_sparsity(args.sparsity)
-    for flag, value in (("--repeats", args.repeats), ("--latency-batch", args.latency_batch)):
+    for flag, value in (("--repeats", args.repeats), ("--latency-batch", args.latency_batch),
+                        ("--latency-length", args.latency_length)):
         if value < 1:
             raise InvalidRequestError(f"{flag} must be at least 1, got {value}")
     if args.ray is not None and importlib.util.find_spec("ray") is None:
         raise InvalidRequestError("--ray needs Ray: pip install 'pcc[ray]'")
     progress = sys.stderr.isatty()
-    target = TARGETS[args.target](repeats=args.repeats, progress=progress, seed=args.seed, batch=args.latency_batch)
+    target = TARGETS[args.target](repeats=args.repeats, progress=progress, seed=args.seed, batch=args.latency_batch,
+                                 length=args.latency_length)
     output = args.output or target.default_output(args.model)
     if args.model.exists() and output.resolve() == args.model.resolve():
         raise InvalidRequestError(f"output {output} is the input model; pcc never overwrites its input")

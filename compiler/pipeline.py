@@ -27,6 +27,7 @@ from pcc.passes.analysis.cost import MeasureCost
 from pcc.passes.analysis.dependency_groups import BuildDependencyGroups
 from pcc.passes.analysis.importance import CRITERIA, REDUCTIONS, ScoreImportance
 from pcc.passes.analysis.latency import MeasureLatency
+from pcc.passes.analysis.residual_blocks import FindResidualBlocks
 from pcc.passes.analysis.sensitivity import MeasureSensitivity
 from pcc.passes.analysis.shapes import InferMissingShapes
 from pcc.passes.transforms.canonical_attention import CanonicalAttentionLayout
@@ -34,7 +35,9 @@ from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
 from pcc.passes.transforms.fold_constants import FoldConstants
 from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
 from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
+from pcc.passes.transforms.prune_blocks import PruneBlocks
 from pcc.passes.transforms.prune_channels import PruneChannels
+from pcc.passes.transforms.prune_tokens import PruneTokens
 
 __all__ = [
     "Pipeline",
@@ -159,12 +162,13 @@ def preparation_passes() -> list[ir.passes.PassBase]:
     ]
 
 
-PRUNABLE_KINDS = ("channels", "heads")  # what PruneChannels removes; blocks and tokens have their own passes
+GROUP_KINDS = ("channels", "heads")  # what the allocators and PruneChannels remove, as dependency groups
+PRUNABLE_KINDS = (*GROUP_KINDS, "blocks", "tokens")  # blocks and tokens have their own passes
 
 
 def analysis_pipeline(round_to: int = 1) -> Pipeline:
     """Preparation, attention blocks and dependency groups only: what `pcc inspect` runs."""
-    return Pipeline([*preparation_passes(), FindAttentionBlocks(), BuildDependencyGroups(round_to, PRUNABLE_KINDS)])
+    return Pipeline([*preparation_passes(), FindAttentionBlocks(), BuildDependencyGroups(round_to, GROUP_KINDS)])
 
 
 def channel_pruning_pipeline(
@@ -214,39 +218,48 @@ def channel_pruning_pipeline(
     unknown = sorted(set(prune) - set(PRUNABLE_KINDS))
     if unknown or not prune:
         raise InvalidRequestError(f"cannot prune {', '.join(unknown) or 'nothing'}; choose from {', '.join(PRUNABLE_KINDS)}")
-    passes: list[ir.passes.PassBase] = [
-        *preparation_passes(),
-        MeasureCost("before"),
-        FindAttentionBlocks(required_by="--prune heads" if "heads" in prune else None),
-        BuildDependencyGroups(round_to=round_to, prune=tuple(prune)),
-        ScoreImportance(criterion=importance, reduction=reduction, seed=seed, calibration=calibration, progress=progress),
+    groups = tuple(k for k in prune if k in GROUP_KINDS)
+    passes: list[ir.passes.PassBase] = [*preparation_passes(), MeasureCost("before")]
+    if "blocks" in prune:
+        passes += [FindResidualBlocks(calibration), PruneBlocks(sparsity=sparsity)]
+    passes += [
+        FindAttentionBlocks(required_by="--prune heads" if "heads" in groups else None),
+        BuildDependencyGroups(round_to=round_to, prune=groups),
     ]
-    if budget == "latency":
-        passes.append(MeasureLatency(repeats=latency_repeats, batch=latency_batch, progress=progress))
-    if allocator == "dp":
-        passes.append(
-            MeasureSensitivity(
-                calibration=calibration, workers=workers, ray_address=ray_address, cache=sensitivity_cache,
-                recalibrate_bn=recalibrate_bn, progress=progress,
-            )
-        )
-        passes.append(
-            AllocateDP(
-                sparsity=sparsity, budget=budget, calibration=calibration, recalibrate_bn=recalibrate_bn,
-                workers=workers, ray_address=ray_address,
-            )
-        )
+    if not groups:  # no channel or head kind asked for: an allocation that keeps every unit
+        passes += [ScoreImportance(criterion="l2"), ALLOCATORS["uniform"](sparsity=0.0, budget=budget)]
     else:
-        passes.append(ALLOCATORS[allocator](sparsity=sparsity, budget=budget))
-    if compare_allocators:
         passes.append(
-            CompareAllocators(
-                sparsity, budget, calibration=calibration, recalibrate_bn=recalibrate_bn, workers=workers,
-                ray_address=ray_address, progress=progress,
-            )
+            ScoreImportance(criterion=importance, reduction=reduction, seed=seed, calibration=calibration, progress=progress)
         )
+        if budget == "latency":
+            passes.append(MeasureLatency(repeats=latency_repeats, batch=latency_batch, progress=progress))
+        if allocator == "dp":
+            passes.append(
+                MeasureSensitivity(
+                    calibration=calibration, workers=workers, ray_address=ray_address, cache=sensitivity_cache,
+                    recalibrate_bn=recalibrate_bn, progress=progress,
+                )
+            )
+            passes.append(
+                AllocateDP(
+                    sparsity=sparsity, budget=budget, calibration=calibration, recalibrate_bn=recalibrate_bn,
+                    workers=workers, ray_address=ray_address,
+                )
+            )
+        else:
+            passes.append(ALLOCATORS[allocator](sparsity=sparsity, budget=budget))
+        if compare_allocators:
+            passes.append(
+                CompareAllocators(
+                    sparsity, budget, calibration=calibration, recalibrate_bn=recalibrate_bn, workers=workers,
+                    ray_address=ray_address, progress=progress,
+                )
+            )
     passes.append(PruneChannels())
     if recalibrate_bn and sparsity > 0:  # at sparsity 0 the output must be the input model, statistics included
         passes.append(RecalibrateBatchNorm(calibration))
+    if "tokens" in prune:
+        passes += [FindAttentionBlocks(required_by="--prune tokens"), PruneTokens(sparsity=sparsity)]
     passes.append(MeasureCost("after"))
     return Pipeline(passes)

@@ -66,6 +66,10 @@ class CompileReport:
     sensitivity_reused: bool = False
     calib_accuracy_before: float | None = None  # on the calibration data, when it has labels
     calib_accuracy_after: float | None = None
+    blocks: str | None = None  # the BlockPruneReport summary, with --prune blocks
+    tokens: str | None = None  # the TokenPruneReport summary, with --prune tokens
+    latency_length: int | None = None  # the size given to other symbolic input axes (sequence length) when timing
+    outputs_reshaped: list[str] = field(default_factory=list)  # outputs whose shape pruning changed (token axes)
 
     @property
     def prunable_removed(self) -> float:
@@ -108,14 +112,16 @@ class CompileReport:
             f"-{100 * self.prunable_removed:.1f}% of prunable)",
             f"  MACs       {human(self.macs_before)} -> {human(self.macs_after)}  ({self.macs_ratio:.2f}x fewer)",
             f"  latency    {self.latency_ms_before:.2f} ms -> {self.latency_ms_after:.2f} ms  "
-            f"({self.speedup:.2f}x; onnxruntime CPU, batch {self.latency_batch}, "
-            f"median of {self.latency_repeats} interleaved runs)",
+            f"({self.speedup:.2f}x; onnxruntime CPU, batch {self.latency_batch}"
+            + (f", length {self.latency_length}" if self.latency_length else "")
+            + f", median of {self.latency_repeats} interleaved runs)",
             f"  groups     {self.groups_pruned}/{self.groups_total} pruned ({self.allocator}, {self.importance}, "
             f"round_to {self.round_to}), "
             f"{self.units_removed} units removed",
             f"  barriers   {len(self.barriers)}" + (f": {barriers}" if barriers else ""),
             f"  outputs    vs dense on random inputs: max |diff| {self.max_abs_output_diff:.3g} "
-            f"(relative {self.max_relative_output_diff:.3g})",
+            f"(relative {self.max_relative_output_diff:.3g})"
+            + (f"; {', '.join(self.outputs_reshaped)} now hold the kept tokens only" if self.outputs_reshaped else ""),
             f"  checks     {', '.join(self.checks)}",
         ]
         lines[5:5] = self._analysis_lines()
@@ -123,6 +129,10 @@ class CompileReport:
 
     def _analysis_lines(self) -> list[str]:
         lines = [f"  calib      {self.calibration}"]
+        if self.blocks:
+            lines.append(f"  blocks     {self.blocks}")
+        if self.tokens:
+            lines.append(f"  tokens     {self.tokens}")
         if self.predicted_latency_ms_after is not None:
             lines.append(
                 f"  predicted  latency {self.predicted_latency_ms_before:.2f} ms -> {self.predicted_latency_ms_after:.2f} ms "

@@ -299,6 +299,37 @@ def _gather(inputs, a):
     return picked.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])
 
 
+def _gather_elements(inputs, a):
+    x, idx = inputs[0], inputs[1].long()
+    axis = _axis(a.get("axis", 0), x.dim())
+    return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
+
+
+def _gather_nd(inputs, a):
+    x, idx, batch_dims = inputs[0], inputs[1].long(), a.get("batch_dims", 0)
+    lead = x.shape[:batch_dims]
+    flat_x = x.reshape(-1, *x.shape[batch_dims:])
+    flat_idx = idx.reshape(-1, *idx.shape[batch_dims:])
+    depth = idx.shape[-1]
+    picked = [flat_x[b][tuple(flat_idx[b][..., i] for i in range(depth))] for b in range(flat_x.shape[0])]
+    return torch.stack(picked).reshape(*lead, *idx.shape[batch_dims:-1], *x.shape[batch_dims + depth :])
+
+
+def _scatter_elements(inputs, a):
+    x, idx, updates = inputs[0], inputs[1].long(), inputs[2]
+    if a.get("reduction", "none") != "none":
+        raise UnsupportedModelError(f"ScatterElements reduction {a['reduction']!r} has no torch counterpart here")
+    axis = _axis(a.get("axis", 0), x.dim())
+    return x.scatter(axis, torch.where(idx < 0, idx + x.shape[axis], idx), updates)
+
+
+def _top_k(inputs, a):
+    x, k = inputs[0], int(inputs[1].reshape(-1)[0])
+    axis = _axis(a.get("axis", -1), x.dim())
+    values, indices = torch.topk(x, k, dim=axis, largest=bool(a.get("largest", 1)), sorted=True)
+    return [values, indices]
+
+
 def _transpose(inputs, a):
     x = inputs[0]
     return x.permute(a.get("perm", list(reversed(range(x.dim())))))
@@ -491,6 +522,10 @@ TORCH_OPS: dict[str, OpFn] = {
     "Slice": _slice,
     "Split": _split,
     "Gather": _gather,
+    "GatherElements": _gather_elements,
+    "GatherND": _gather_nd,
+    "ScatterElements": _scatter_elements,
+    "TopK": _top_k,
     "Transpose": _transpose,
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,

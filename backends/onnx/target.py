@@ -18,7 +18,7 @@ from pcc.compiler.report import CompileReport
 from pcc.passes.allocation import Allocation
 from pcc.passes.analysis import CostReport, DependencyGroups
 from pcc.passes.analysis.sensitivity import Sensitivity
-from pcc.passes.transforms import PruneReport
+from pcc.passes.transforms import BlockPruneReport, PruneReport, TokenPruneReport
 
 __all__ = ["OnnxTarget"]
 
@@ -35,6 +35,7 @@ class OnnxTarget:
     progress: bool = False
     seed: int = 0
     batch: int = 1  # the size given to a symbolic batch axis when timing
+    length: int = 128  # the size given to other symbolic axes (a sequence length) when timing
 
     def default_output(self, model_path: Path) -> Path:
         return Path.cwd() / f"{model_path.stem}.pruned.onnx"
@@ -50,19 +51,29 @@ class OnnxTarget:
         importance: str,
     ) -> CompileReport:
         dense = session(dense_model if isinstance(dense_model, bytes) else str(dense_model))
-        feeds = random_inputs(dense, self.seed, symbolic=self.batch)
+        feeds = random_inputs(dense, self.seed, symbolic=self.batch, length=self.length)
         dense_outputs = dense.run(None, feeds)
         checked: dict[str, object] = {}
 
         def run_before_commit(staged: Path) -> None:
             pruned = session(staged)
             checked["session"] = pruned
-            checked["difference"] = compare_outputs(dense_outputs, pruned.run(None, feeds))
+            outputs = pruned.run(None, feeds)
+            checked["difference"] = compare_outputs(dense_outputs, outputs)
+            checked["reshaped"] = [
+                spec.name for spec, a, b in zip(pruned.get_outputs(), dense_outputs, outputs) if a.shape != b.shape
+            ]
 
         write_checked(result.model, output, verify=run_before_commit)
         latency = paired_latency(dense, checked["session"], feeds, repeats=self.repeats, progress=self.progress)
         report = _report(result, output, model_name, allocator, importance, latency, checked["difference"], self.name)
         report.latency_batch = self.batch
+        if any(not isinstance(d, int) or d <= 0 for spec in dense.get_inputs() for d in spec.shape[1:]):
+            report.latency_length = self.length
+        report.outputs_reshaped = checked["reshaped"]
+        blocks, tokens = result.get(BlockPruneReport), result.get(TokenPruneReport)
+        report.blocks = blocks.summary() if blocks is not None else None
+        report.tokens = tokens.summary() if tokens is not None else None
         return report
 
 

@@ -498,6 +498,8 @@ def _rewrite_slice(ctx: RewriteContext, node: ir.Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
     dims = tuple(d if isinstance(d, int) else None for d in x.shape)
     bounds = _slice_bounds(ctx, node, dims)
+    if bounds is None:
+        return  # run-time bounds: the analysis froze every axis through this slice
     starts, ends = ctx.const(node.inputs[1]).copy(), ctx.const(node.inputs[2]).copy()
     changed = False
     for axis, (start, _, position) in bounds.items():
@@ -727,6 +729,8 @@ def _expand(ctx: ChannelContext, node: ir.Node) -> None:
 
 def _rewrite_expand(ctx: RewriteContext, node: ir.Node) -> None:
     target = ctx.const(node.inputs[1])
+    if target is None:
+        return  # computed at run time: the analysis froze every axis through it
     y = node.outputs[0]
     offset = len(y.shape) - len(target)
     new_target = target.copy()

@@ -77,9 +77,25 @@ def _descendants(value: ir.Value) -> set[ir.Node]:
     return seen
 
 
+def _shape_only(node: ir.Node, memo: dict[ir.Node, bool]) -> bool:
+    """A Shape op, or arithmetic on shapes and constants only: exporters compute every layer's reshape
+    targets from the model input's Shape, which reads no data and may be shared by any block."""
+    if node not in memo:
+        integer = all(out.dtype in (ir.DataType.INT64, ir.DataType.INT32) for out in node.outputs)
+        memo[node] = node.op_type in ("Shape", "Size") or (
+            integer and node.op_type != "Constant" and all(
+                v is None or v.const_value is not None or (v.producer() is not None and _shape_only(v.producer(), memo))
+                for v in node.inputs
+            ) and any(v is not None and v.producer() is not None for v in node.inputs)
+        )
+    return memo[node]
+
+
 def _branch(add: ir.Node, skip: ir.Value, branch_out: ir.Value, outputs: set[ir.Value]) -> set[ir.Node] | None:
-    """The nodes of `branch_out = f(skip)`, if `skip` feeds it and nothing outside reads the branch."""
-    nodes = _ancestors(branch_out) & _descendants(skip)
+    """The nodes of `branch_out = f(skip)`, if `skip` feeds it and nothing outside reads the branch's data
+    (its shape arithmetic may be shared: it stays, or goes with the unused nodes)."""
+    memo: dict[ir.Node, bool] = {}
+    nodes = {n for n in _ancestors(branch_out) & _descendants(skip) if not _shape_only(n, memo)}
     if not nodes or branch_out.producer() not in nodes:
         return None
     for node in nodes:

@@ -156,15 +156,18 @@ class _MiniLMHidden(torch.nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def test_minilm_heads_removed_equal_heads_zeroed():
-    """Real BERT weights: removing half of every layer's heads == zeroing their output-projection columns."""
+@pytest.mark.parametrize("dynamic_sequence", [False, True])
+def test_minilm_heads_removed_equal_heads_zeroed(dynamic_sequence):
+    """Real BERT weights: removing half of every layer's heads == zeroing their output-projection columns
+    (also with a symbolic sequence length, whose run-time Slice/Expand bounds pruning must leave alone)."""
     from pcc.compiler import from_torch
 
     module = _MiniLMHidden()
     ids = torch.randint(1000, 5000, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # padding in the second sentence
-    model = from_torch(module, (ids, mask), input_names=["input_ids", "attention_mask"])
+    model = from_torch(module, (ids, mask), input_names=["input_ids", "attention_mask"], dynamic_batch=dynamic_sequence,
+                       dynamic_sequence=dynamic_sequence)
     dense_proto = ir.serde.serialize_model(model)
     result = channel_pruning_pipeline(0.5, prune=("heads",), importance="l2", round_to=1).run(model)
     blocks = result.get(AttentionBlocks).blocks

@@ -149,3 +149,18 @@ def test_static_sequence_length_is_a_one_line_error():
 def test_model_without_attention_is_a_bad_request(zoo_cache):
     with pytest.raises(InvalidRequestError, match="token pruning needs multi-head attention"):
         _prune(zoo_cache.model("resnet_basic"), sparsity=0.3)
+
+
+def test_torch_copy_of_a_token_pruned_model_matches_onnxruntime():
+    """Recovery fine-tuning runs through the torch copy, so it must run TopK / GatherElements / ScatterElements."""
+    from pcc.compiler.torch_module import IRModule
+
+    _, model = _encoder()
+    proto, _ = _prune(model, keep=(1.0, 0.75, 0.5, 0.25), expose_positions=True)
+    x = np.random.default_rng(0).standard_normal((2, 24, 32), dtype=np.float32)
+    feeds = {model.graph.inputs[0].name: x}
+    expected = run_onnx(proto, feeds)
+    with torch.no_grad():
+        ours = [t.numpy() for t in IRModule(ir.serde.deserialize_model(proto))({k: torch.from_numpy(v) for k, v in feeds.items()})]
+    assert np.array_equal(ours[1], expected[1])
+    assert max_relative_difference(ours[:1], expected[:1]) <= 1e-5

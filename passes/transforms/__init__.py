@@ -1,6 +1,7 @@
 """Transform passes: they rewrite the model."""
 
 from pcc.passes.transforms.canonical_attention import CanonicalAttentionLayout
+from pcc.passes.transforms.cascade_heads import CascadeHeads, CascadeHeadsReport
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
 from pcc.passes.transforms.finetune import FineTune, FineTuneReport
 from pcc.passes.transforms.fold_constants import FoldConstants
@@ -14,6 +15,8 @@ from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 __all__ = [
     "BlockPruneReport",
     "CanonicalAttentionLayout",
+    "CascadeHeads",
+    "CascadeHeadsReport",
     "ChannelShuffleToGather",
     "FineTune",
     "FineTuneReport",

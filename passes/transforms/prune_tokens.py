@@ -36,33 +36,38 @@ from pcc.passes.analysis.attention import MOVEMENT_OPS, AttentionBlock, Attentio
 from pcc.passes.results import fetch, invalidate, store
 from pcc.passes.transforms.static_reshape_targets import shape_entries
 
-__all__ = ["PruneTokens", "TokenPruneReport", "token_keep_schedule"]
+__all__ = ["GraphBuilder", "PruneTokens", "TokenPruneReport", "cascade_keep_schedule", "token_keep_schedule"]
 
 _FIRST_TOKEN_BONUS = 1e9  # above any accumulated score: a sum of probabilities, at most heads x queries x layers
 
 
 def token_keep_schedule(layers: int, sparsity: float) -> list[float]:
-    """SpAtten's schedule: the fraction of the input's tokens each attention layer sees.
+    """SpAtten's token schedule: no pruning in the first ceil(15%) of the layers, then a ramp."""
+    return cascade_keep_schedule(layers, sparsity, unpruned=0.15)
 
-    No pruning in the first ceil(15%) of the layers (at least the first: scores come from its attention),
-    then a linear ramp whose start and end average to what the remaining layers must keep so that the
-    mean over *all* layers removes `sparsity` of the tokens. The ramp starts at 1.5x that average (at most
-    1) so that the last layers keep some tokens even at high sparsity.
+
+def cascade_keep_schedule(layers: int, sparsity: float, unpruned: float) -> list[float]:
+    """SpAtten's schedule: the fraction kept in each layer (of the input's tokens, or of the heads).
+
+    No pruning in the first ceil(`unpruned` x layers) layers (at least the first: scores come from its
+    attention), then a linear ramp whose start and end average to what the remaining layers must keep so
+    that the mean over *all* layers removes `sparsity`. The ramp starts at 1.5x that average (at most 1)
+    so that the last layers keep something even at high sparsity.
     """
     if not 0 <= sparsity < 1:
-        raise InvalidRequestError(f"token sparsity must be in [0, 1), got {sparsity}")
+        raise InvalidRequestError(f"cascade sparsity must be in [0, 1), got {sparsity}")
     if layers < 1:
-        raise InvalidRequestError("token pruning needs at least one attention layer")
-    full = max(1, math.ceil(0.15 * layers))
+        raise InvalidRequestError("cascade pruning needs at least one attention layer")
+    full = max(1, math.ceil(unpruned * layers))
     ramp = layers - full
     if sparsity == 0 or ramp == 0:
         if sparsity > 0:
-            raise InvalidRequestError(f"{layers} attention layer(s) leave no layer to prune tokens in")
+            raise InvalidRequestError(f"{layers} attention layer(s) leave no layer to prune in")
         return [1.0] * layers
     average = 1 - sparsity * layers / ramp
     if average <= 0:
         raise InvalidRequestError(
-            f"token sparsity {sparsity} is out of reach: the first {full} of {layers} layers keep every token"
+            f"sparsity {sparsity} is out of reach: the first {full} of {layers} layers keep everything"
         )
     start = min(1.0, 1.5 * average)
     end = 2 * average - start
@@ -87,8 +92,9 @@ class TokenPruneReport:
         return f"tokens kept per layer (of the input's): {ratios}; average removed {100 * self.sparsity:.1f}%"
 
 
-class _Builder:
-    """Appends nodes to a graph; `TopologicalSortPass` puts them in place afterwards."""
+class GraphBuilder:
+    """Appends nodes to a graph (`TopologicalSortPass` puts them in place afterwards); the cascade passes'
+    way of writing their run-time selection logic."""
 
     def __init__(self, graph: ir.Graph, prefix: str):
         self.graph, self.prefix, self.count = graph, prefix, 0
@@ -203,7 +209,7 @@ def _layers(model: ir.Model, blocks: list[AttentionBlock]) -> list[_Layer]:
     return layers
 
 
-def _gather_mask(build: _Builder, mask: ir.Value, positions: ir.Value, batch: ir.Value, token_dim) -> ir.Value:
+def _gather_mask(build: GraphBuilder, mask: ir.Value, positions: ir.Value, batch: ir.Value, token_dim) -> ir.Value:
     """The mask at the survivors' input positions, on every axis of the input's length (keys; queries too
     for [b, 1, L, L] masks). A mask without a batch axis is broadcast to the batch first."""
     shape = mask.shape
@@ -229,7 +235,7 @@ def _reachable(starts: list[ir.Value]) -> list[ir.Value]:
     return list(seen)
 
 
-def _retarget_reshapes(build: _Builder, downstream: list[ir.Value], token_dim: ir.SymbolicDim) -> None:
+def _retarget_reshapes(build: GraphBuilder, downstream: list[ir.Value], token_dim: ir.SymbolicDim) -> None:
     """Exporters compute reshape targets from the *input's* length (`x.size(1)`); after a gather that length is
     stale. Where a run-time target holds the length once and no -1, that entry becomes -1 (inferred)."""
     for node in {use.node for value in downstream for use in value.uses()}:
@@ -297,7 +303,7 @@ class PruneTokens(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, changed)
 
     def _rewrite(self, model: ir.Model, layers: list[_Layer], keep: list[float]) -> list[str | None]:
-        build = _Builder(model.graph, "pcc_tokens")
+        build = GraphBuilder(model.graph, "pcc_tokens")
         first = layers[0]
         token_dim = first.probabilities.shape[-1]
         shape = build.op("Shape", [first.stream])
@@ -336,7 +342,7 @@ class PruneTokens(ir.passes.InPlacePass):
 
 
     @staticmethod
-    def _top_tokens(build: _Builder, scores: ir.Value, length_float: ir.Value, ratio: float) -> ir.Value:
+    def _top_tokens(build: GraphBuilder, scores: ir.Value, length_float: ir.Value, ratio: float) -> ir.Value:
         """Positions (ascending) of the top floor(L * ratio) tokens by score, the first token always among them."""
         count = build.op("Floor", [build.op("Mul", [length_float, build.const([ratio], np.float32)])])
         count = build.op("Max", [build.op("Cast", [count], to=ir.DataType.INT64), build.const([1])])

@@ -26,9 +26,11 @@ import onnx_ir.passes.common as common_passes
 from pcc.compiler.errors import InvalidRequestError
 from pcc.passes.analysis.attention import AttentionBlocks, AttentionCore, find_attention_cores
 from pcc.passes.results import fetch, invalidate, store
-from pcc.passes.transforms.prune_tokens import GraphBuilder, cascade_keep_schedule
+from pcc.passes.transforms.prune_tokens import GraphBuilder, resolve_cascade_schedule
 
 __all__ = ["CascadeHeads", "CascadeHeadsReport"]
+
+HEADS_UNPRUNED = 0.3  # SpAtten prunes no heads in the first 30% of the layers
 
 
 @dataclass
@@ -97,9 +99,7 @@ class CascadeHeads(ir.passes.InPlacePass):
         if not cores:
             raise InvalidRequestError("cascade head pruning needs multi-head attention, but the model has no attention core")
         heads = _checked_heads(cores)
-        keep = list(self.keep) if self.keep is not None else cascade_keep_schedule(len(cores), self.sparsity, unpruned=0.3)
-        if len(keep) != len(cores) or keep[0] != 1 or any(b > a for a, b in zip(keep, keep[1:])):
-            raise InvalidRequestError(f"a head schedule is one non-increasing fraction per layer ({len(cores)}), from 1; got {keep}")
+        keep = resolve_cascade_schedule(self.keep, self.sparsity, len(cores), HEADS_UNPRUNED, "head")
         counts = [max(1, math.floor(heads * k)) for k in keep]
         changed = counts[-1] < heads
         if changed or self.expose_heads:
@@ -119,8 +119,7 @@ class CascadeHeads(ir.passes.InPlacePass):
         scores = None
         for index, (core, count) in enumerate(zip(cores, counts)):
             if count < (counts[index - 1] if index else heads):
-                _, chosen = build.op_multi("TopK", [scores, build.const([count])], 2, axis=1, largest=1, sorted=1)
-                survivors = build.op_multi("TopK", [chosen, build.const([count])], 2, axis=1, largest=0, sorted=1)[0]
+                survivors = build.top_in_order(scores, build.const([count]))
                 kept = build.gather_tokens(kept, survivors, 2, 1, 0)
                 scores = build.gather_tokens(scores, survivors, 2, 1, 0)
             context = core.context.outputs[0]

@@ -36,14 +36,20 @@ from pcc.passes.analysis.attention import MOVEMENT_OPS, AttentionBlock, Attentio
 from pcc.passes.results import fetch, invalidate, store
 from pcc.passes.transforms.static_reshape_targets import shape_entries
 
-__all__ = ["GraphBuilder", "PruneTokens", "TokenPruneReport", "cascade_keep_schedule", "token_keep_schedule"]
+__all__ = [
+    "GraphBuilder", "PruneTokens", "TokenPruneReport", "cascade_keep_schedule", "resolve_cascade_schedule",
+    "token_keep_schedule",
+]
 
 _FIRST_TOKEN_BONUS = 1e9  # above any accumulated score: a sum of probabilities, at most heads x queries x layers
 
 
+TOKENS_UNPRUNED = 0.15  # SpAtten prunes no tokens in the first 15% of the layers
+
+
 def token_keep_schedule(layers: int, sparsity: float) -> list[float]:
     """SpAtten's token schedule: no pruning in the first ceil(15%) of the layers, then a ramp."""
-    return cascade_keep_schedule(layers, sparsity, unpruned=0.15)
+    return cascade_keep_schedule(layers, sparsity, TOKENS_UNPRUNED)
 
 
 def cascade_keep_schedule(layers: int, sparsity: float, unpruned: float) -> list[float]:
@@ -73,6 +79,21 @@ def cascade_keep_schedule(layers: int, sparsity: float, unpruned: float) -> list
     end = 2 * average - start
     steps = [start + (end - start) * i / (ramp - 1) if ramp > 1 else average for i in range(ramp)]
     return [1.0] * full + steps
+
+
+def resolve_cascade_schedule(
+    keep: tuple[float, ...] | None, sparsity: float | None, layers: int, unpruned: float, what: str
+) -> list[float]:
+    """The per-layer keep fractions a cascade pass runs with: `keep` as given (checked), else the schedule."""
+    schedule = list(keep) if keep is not None else cascade_keep_schedule(layers, sparsity, unpruned)
+    if len(schedule) != layers or schedule[0] != 1 or any(not 0 < k <= 1 for k in schedule) or any(
+        b > a for a, b in zip(schedule, schedule[1:])
+    ):
+        raise InvalidRequestError(
+            f"a {what} schedule is one non-increasing keep fraction in (0, 1] per attention layer ({layers}), "
+            f"starting at 1; got {schedule}"
+        )
+    return schedule
 
 
 @dataclass
@@ -123,6 +144,11 @@ class GraphBuilder:
                          shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
         self.graph.register_initializer(value)
         return value
+
+    def top_in_order(self, scores: ir.Value, count: ir.Value) -> ir.Value:
+        """Indices of the `count` highest scores along axis 1, in ascending order (survivors keep their order)."""
+        _, chosen = self.op_multi("TopK", [scores, count], 2, axis=1, largest=1, sorted=1)
+        return self.op_multi("TopK", [chosen, count], 2, axis=1, largest=0, sorted=1)[0]
 
     def gather_tokens(self, data: ir.Value, positions: ir.Value, rank: int, token_axis: int, batch_axis: int) -> ir.Value:
         """data[.., positions[b, :], ..] along `token_axis`, one row of positions per batch element."""
@@ -253,11 +279,11 @@ def _retarget_reshapes(build: GraphBuilder, downstream: list[ir.Value], token_di
         node.replace_input_with(1, target)
 
 
-def _forget_token_length(starts: list[ir.Value], token_dim: ir.SymbolicDim) -> None:
+def _forget_token_length(downstream: list[ir.Value], token_dim: ir.SymbolicDim) -> None:
     """Values downstream of a gather no longer have the input's length: a stale symbolic length would tell
     onnxruntime two different sizes are one (it warns and cannot plan buffers). Graph outputs get the name
     `kept_tokens`, intermediate values an anonymous length."""
-    for value in _reachable(starts):
+    for value in downstream:
         if value.shape is not None and token_dim in value.shape.dims:
             name = "kept_tokens" if value.is_graph_output() else None
             value.shape = ir.Shape([ir.SymbolicDim(name) if d == token_dim else d for d in value.shape.dims])
@@ -279,17 +305,10 @@ class PruneTokens(ir.passes.InPlacePass):
         fetch(model, AttentionBlocks)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        blocks = [b for b in fetch(model, AttentionBlocks).blocks]
+        blocks = fetch(model, AttentionBlocks).blocks
         if not blocks:
             raise InvalidRequestError("token pruning needs multi-head attention, but the model has no attention block")
-        keep = list(self.keep) if self.keep is not None else token_keep_schedule(len(blocks), self.sparsity)
-        if len(keep) != len(blocks) or keep[0] != 1 or any(not 0 < k <= 1 for k in keep) or any(
-            b > a for a, b in zip(keep, keep[1:])
-        ):
-            raise InvalidRequestError(
-                f"a token schedule is one non-increasing keep fraction in (0, 1] per attention layer ({len(blocks)}), "
-                f"starting at 1; got {keep}"
-            )
+        keep = resolve_cascade_schedule(self.keep, self.sparsity, len(blocks), TOKENS_UNPRUNED, "token")
         layers = _layers(model, blocks)
         changed = any(k < 1 for k in keep)
         layer_inputs: list[str | None] = [None] * len(layers)
@@ -336,8 +355,9 @@ class PruneTokens(ir.passes.InPlacePass):
             positions.shape = ir.Shape([first.probabilities.shape[0], token_dim])  # renamed to kept_tokens below
             model.graph.outputs.append(positions)
             gathered_values.append(positions)
-        _retarget_reshapes(build, _reachable(gathered_values), token_dim)
-        _forget_token_length(gathered_values, token_dim)
+        downstream = _reachable(gathered_values)
+        _retarget_reshapes(build, downstream, token_dim)
+        _forget_token_length(downstream, token_dim)
         return layer_inputs
 
 
@@ -349,6 +369,4 @@ class PruneTokens(ir.passes.InPlacePass):
         first = build.op("Slice", [scores, build.const([0]), build.const([1]), build.const([1])])
         rest = build.op("Slice", [scores, build.const([1]), build.const([np.iinfo(np.int64).max]), build.const([1])])
         marked = build.op("Concat", [build.op("Add", [first, build.const(_FIRST_TOKEN_BONUS, np.float32)]), rest], axis=1)
-        _, chosen = build.op_multi("TopK", [marked, count], 2, axis=1, largest=1, sorted=1)
-        ordered, _ = build.op_multi("TopK", [chosen, count], 2, axis=1, largest=0, sorted=1)
-        return ordered
+        return build.top_in_order(marked, count)

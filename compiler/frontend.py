@@ -86,6 +86,7 @@ def from_torch(
     optimize: bool = True,
     dynamic_batch: bool = False,
     dynamic_sequence: bool = False,
+    dynamic_shapes: Any = None,
 ) -> ir.Model:
     """Export a PyTorch `nn.Module` with `torch.onnx.export(dynamo=True)` and return the IR.
 
@@ -96,6 +97,8 @@ def from_torch(
     model takes any batch size (calibration, fine-tuning, serving); give examples with a batch of 2 or
     more, since the exporter specialises a batch of 1. `dynamic_sequence` does the same for axis 1 of
     every input of rank 2 or more (token pruning needs it: later layers see fewer tokens than the input).
+    `dynamic_shapes` (torch.export's own per-input spec) replaces both where other axes vary, e.g. the
+    length axis of a KV cache.
     """
     import torch
 
@@ -112,7 +115,7 @@ def from_torch(
             output_names=list(output_names) if output_names else None,
             opset_version=opset_version,
             optimize=optimize,
-            dynamic_shapes=_dynamic_shapes(example_inputs, dynamic_batch, dynamic_sequence),
+            dynamic_shapes=dynamic_shapes or _dynamic_shapes(example_inputs, dynamic_batch, dynamic_sequence),
             verbose=False,
         )
     except Exception as exc:  # the exporter raises many unrelated types; all mean "cannot export"

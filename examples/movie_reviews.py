@@ -16,16 +16,12 @@ sparsity. One epoch of fine-tuning on the training split takes a few minutes on 
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+from sdists import CACHE, fetch_sdist
 
-CACHE = Path.home() / ".cache" / "pcc"
-SDIST = "vaderSentiment-3.3.2.tar.gz"
 INPUT_NAMES = ("input_ids", "attention_mask")
 MAX_TOKENS = 64  # longer sentences are cut (under 1% of them)
 
@@ -36,21 +32,9 @@ class Split:
     labels: np.ndarray  # 1 = positive
 
 
-def _sdist() -> Path:
-    path = CACHE / SDIST
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "vadersentiment==3.3.2", "-d", str(CACHE)],
-            check=True,
-        )
-    return path
-
-
 def load_reviews(seed: int = 0) -> tuple[Split, Split]:
     """(train, test): the labelled sentences, 80/20."""
-    with tarfile.open(_sdist()) as sdist:
+    with tarfile.open(fetch_sdist("vaderSentiment", "3.3.2")) as sdist:
         inner = sdist.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz").read()
     with tarfile.open(fileobj=io.BytesIO(inner)) as archive:
         member = next(m for m in archive.getmembers() if m.name.endswith("movieReviewSnippets_GroundTruth.txt"))

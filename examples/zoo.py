@@ -450,7 +450,12 @@ class SequenceFirstAttention(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """GPT-2's attention: one fused Q/K/V projection, a causal mask, an output projection."""
+    """GPT-2's attention: one fused Q/K/V projection, a causal mask, an output projection.
+
+    With `past` (cached keys and values, [batch, heads, cached, head dim]) the new tokens attend to every
+    cached token and causally among themselves, and the grown cache is returned too: the decoder step of
+    generation. `recorded`, when a list, collects each call's attention probabilities (for references).
+    """
 
     def __init__(self, dim: int, heads: int, context: int) -> None:
         super().__init__()
@@ -458,15 +463,23 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.register_buffer("causal", torch.tril(torch.ones(context, context, dtype=torch.bool)), persistent=False)
+        self.recorded: list[torch.Tensor] | None = None
 
-    def forward(self, x):
+    def forward(self, x, past: tuple[torch.Tensor, torch.Tensor] | None = None):
         batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).split(dim, dim=2)
-        q, k, v = (t.view(batch, tokens, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(batch, tokens, self.heads, dim // self.heads).transpose(1, 2) for t in self.qkv(x).split(dim, dim=2))
+        if past is None:
+            visible = self.causal[:tokens, :tokens]
+        else:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            cached = k.shape[2] - tokens
+            visible = torch.arange(k.shape[2]) <= torch.arange(tokens)[:, None] + cached
         scores = (q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5
-        scores = scores.masked_fill(~self.causal[:tokens, :tokens], float("-inf"))
-        out = scores.softmax(-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        probabilities = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        if self.recorded is not None:
+            self.recorded.append(probabilities)
+        out = self.proj((probabilities @ v).transpose(1, 2).reshape(batch, tokens, dim))
+        return out if past is None else (out, k, v)
 
 
 class GPTBlock(nn.Module):
@@ -476,9 +489,13 @@ class GPTBlock(nn.Module):
         self.attention = CausalSelfAttention(dim, heads, context)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x):
-        x = x + self.attention(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+    def forward(self, x, past: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if past is None:
+            x = x + self.attention(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+        attended, k, v = self.attention(self.ln1(x), past)
+        x = x + attended
+        return x + self.mlp(self.ln2(x)), k, v
 
 
 class TinyGPT(nn.Module):
@@ -495,6 +512,48 @@ class TinyGPT(nn.Module):
     def forward(self, ids):
         positions = torch.arange(ids.shape[1], device=ids.device)
         return self.head(self.ln(self.blocks(self.tokens(ids) + self.positions(positions))))
+
+
+class TinyGPTDecoder(nn.Module):
+    """One generation step of a `TinyGPT` with a KV cache: (ids, positions, k0, v0, k1, v1, ...) ->
+    (logits, present k0, v0, ...). Positions are an input, not the cache length, because a pruned cache
+    holds fewer entries than tokens seen."""
+
+    def __init__(self, gpt: TinyGPT) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, ids, positions, *cache):
+        x = self.gpt.tokens(ids) + self.gpt.positions(positions)
+        present = []
+        for index, block in enumerate(self.gpt.blocks):
+            x, k, v = block(x, (cache[2 * index], cache[2 * index + 1]))
+            present += [k, v]
+        return (self.gpt.head(self.gpt.ln(x)), *present)
+
+    def empty_cache(self, batch: int = 1) -> list[torch.Tensor]:
+        attention = self.gpt.blocks[0].attention
+        head_dim = self.gpt.head.in_features // attention.heads
+        return [torch.zeros(batch, attention.heads, 0, head_dim) for _ in range(2 * len(self.gpt.blocks))]
+
+
+def export_decoder_step(decoder: TinyGPTDecoder):
+    """The decoder step as an IR model with symbolic lengths: `new` tokens, and one cached length per layer
+    (layers' caches differ in size once pruned). Inputs ids, positions, past_k_<l>, past_v_<l>; outputs
+    logits, present_k_<l>, present_v_<l>."""
+    from pcc.compiler.frontend import from_torch
+
+    layers = len(decoder.gpt.blocks)
+    cache = [torch.zeros(1, t.shape[1], 3, t.shape[3]) for t in decoder.empty_cache()]
+    new = torch.export.Dim("new", max=decoder.gpt.positions.num_embeddings)
+    past = [torch.export.Dim(f"past_{layer}", max=1 << 16) for layer in range(layers)]
+    shapes = ({1: new}, {1: new}, tuple({2: past[i // 2]} for i in range(2 * layers)))
+    cached = [f"{kind}_{layer}" for layer in range(layers) for kind in "kv"]
+    return from_torch(
+        decoder.eval(), [torch.zeros(1, 2, dtype=torch.long), torch.tensor([[3, 4]]), *cache],
+        input_names=["ids", "positions", *(f"past_{c}" for c in cached)],
+        output_names=["logits", *(f"present_{c}" for c in cached)], dynamic_shapes=shapes,
+    )
 
 
 def transformer_encoder(layers: int = 2, dim: int = 32, heads: int = 4) -> nn.Module:

@@ -121,16 +121,19 @@ def paired_latency(
     repeats: int = 20,
     warmup: int = 3,
     progress: bool = False,
+    pruned_feeds: dict[str, np.ndarray] | None = None,
 ) -> Latency:
-    """Median wall time of each model, runs interleaved in this process."""
+    """Median wall time of each model, runs interleaved in this process. `pruned_feeds` where the pruned
+    model takes other inputs (a pruned KV cache)."""
+    runs = ((0, dense, feeds), (1, pruned, feeds if pruned_feeds is None else pruned_feeds))
     for _ in range(warmup):
-        dense.run(None, feeds)
-        pruned.run(None, feeds)
+        for _, sess, inputs in runs:
+            sess.run(None, inputs)
     times = {0: [], 1: []}
     for _ in tqdm(range(repeats), desc="latency", unit="pair", disable=not progress, leave=False):
-        for key, sess in ((0, dense), (1, pruned)):
+        for key, sess, inputs in runs:
             start = time.perf_counter()
-            sess.run(None, feeds)
+            sess.run(None, inputs)
             times[key].append(time.perf_counter() - start)
     return Latency(1000 * float(np.median(times[0])), 1000 * float(np.median(times[1])), repeats)
 

@@ -7,6 +7,7 @@ from pcc.passes.transforms.finetune import FineTune, FineTuneReport
 from pcc.passes.transforms.fold_constants import FoldConstants
 from pcc.passes.transforms.mask_channels import MaskChannels
 from pcc.passes.transforms.prune_blocks import BlockPruneReport, PruneBlocks
+from pcc.passes.transforms.prune_kv_cache import KVCacheReport, PruneKVCache
 from pcc.passes.transforms.prune_channels import PruneChannels, PruneReport
 from pcc.passes.transforms.prune_tokens import PruneTokens, TokenPruneReport, token_keep_schedule
 from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
@@ -21,9 +22,11 @@ __all__ = [
     "FineTune",
     "FineTuneReport",
     "FoldConstants",
+    "KVCacheReport",
     "MaskChannels",
     "PruneBlocks",
     "PruneChannels",
+    "PruneKVCache",
     "PruneReport",
     "PruneTokens",
     "RecalibrateBatchNorm",

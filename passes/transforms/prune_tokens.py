@@ -151,7 +151,12 @@ class GraphBuilder:
         return self.op_multi("TopK", [chosen, count], 2, axis=1, largest=0, sorted=1)[0]
 
     def gather_tokens(self, data: ir.Value, positions: ir.Value, rank: int, token_axis: int, batch_axis: int) -> ir.Value:
-        """data[.., positions[b, :], ..] along `token_axis`, one row of positions per batch element."""
+        """data[.., positions[b, :], ..] along `token_axis`, one row of positions per batch element.
+
+        With a batch of one (static) a plain Gather does it: GatherElements needs an index as large as
+        its output, which for a KV cache costs more than the attention it saves."""
+        if data.shape is not None and data.shape[batch_axis] == 1:
+            return self.op("Gather", [data, self.op("Squeeze", [positions, self.const([0])])], axis=token_axis)
         index = positions if batch_axis < token_axis else self.op("Transpose", [positions], perm=[1, 0])
         others = [a for a in range(rank) if a not in (token_axis, batch_axis)]
         if others:

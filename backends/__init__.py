@@ -5,7 +5,8 @@ command line names exactly the ones that work.
 """
 
 from pcc.backends.onnx import OnnxTarget
+from pcc.backends.tvm import TvmTarget
 
 __all__ = ["TARGETS"]
 
-TARGETS = {"onnx": OnnxTarget}
+TARGETS = {"onnx": OnnxTarget, "tvm": TvmTarget}

@@ -6,6 +6,7 @@
                 [--verbose] ...
     pcc finetune PRUNED --data FILE [--teacher DENSE] [--epochs N] [--lr LR] [--eval FILE] [-o OUT]
     pcc inspect MODEL [--json] [--round-to N]
+    pcc run MODEL.so --input X.npz [-o Y.npz]
 
 Exit status: 0 success; 2 bad input or a request that cannot apply (one line on stderr starting with
 `pcc: error:`, no output file left behind); 1 an internal error (a bug: the traceback is shown).
@@ -66,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         "heads removes whole attention heads, blocks whole residual blocks (transformer layers, ResNet blocks), "
         "tokens applies SpAtten's cascade token pruning; --sparsity applies to each kind named",
     )
+    compile_.add_argument(
+        "--sparsify", metavar="PATTERN",
+        help="zero weights instead of removing units: unstructured, nm:N:M (N of every M along the reduction axis) or "
+        "block:RxC; --sparsity is then the fraction of the MatMul/Gemm/Conv weights made zero",
+    )
+    compile_.add_argument(
+        "--tvm-target", default="llvm", metavar="TARGET",
+        help="with --target tvm: llvm (this CPU, detected), or a TVM target passed through (a JSON dict or a kind name)",
+    )
     compile_.add_argument("--importance", default="l2", choices=CRITERIA, help="unit importance criterion (default: l2)")
     compile_.add_argument(
         "--reduction", default="mean", choices=REDUCTIONS, help="how importance is reduced over a group's layers"
@@ -118,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--seed", type=int, default=0, help="seed for the data order")
     finetune.add_argument("--verbose", action="store_true", help="library warnings")
 
+    run = commands.add_parser("run", help="run a model compiled with --target tvm")
+    run.add_argument("model", type=Path, help="the .so written by pcc compile --target tvm (its .json beside it)")
+    run.add_argument("--input", type=Path, required=True, help=".npz of arrays named like the model's inputs")
+    run.add_argument("-o", "--output", type=Path, help="write the outputs here (.npz, under the model's output names)")
+    run.add_argument("--verbose", action="store_true", help="library warnings")
+
     inspect = commands.add_parser("inspect", help="show ops, dependency groups and barriers")
     inspect.add_argument("model", type=Path, help="ONNX model file")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
@@ -142,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compile(args)
         if args.command == "finetune":
             return _finetune(args)
+        if args.command == "run":
+            return _run(args)
         return _inspect(args)
     except PccError as exc:
         message = " ".join(str(exc).split())
@@ -168,12 +186,16 @@ def _compile(args: argparse.Namespace) -> int:
     if args.ray is not None and importlib.util.find_spec("ray") is None:
         raise InvalidRequestError("--ray needs Ray: pip install 'pcc[ray]'")
     progress = sys.stderr.isatty()
+    if args.tvm_target != "llvm" and args.target != "tvm":
+        raise InvalidRequestError("--tvm-target applies to --target tvm only")
+    options = {"tvm_target": args.tvm_target} if args.target == "tvm" else {}
     target = TARGETS[args.target](repeats=args.repeats, progress=progress, seed=args.seed, batch=args.latency_batch,
-                                 length=args.latency_length)
+                                 length=args.latency_length, **options)
     output = args.output or target.default_output(args.model)
     if args.model.exists() and output.resolve() == args.model.resolve():
         raise InvalidRequestError(f"output {output} is the input model; pcc never overwrites its input")
     model = load_onnx(args.model)
+    target.check(model)
     calibration = load_calibration(model, args.calib, seed=args.seed)
     if calibration.synthetic and (args.importance in DATA_CRITERIA or args.allocator == "dp" or args.report):
         print("pcc: warning: no --calib given: data-driven scores run on random inputs and reflect the weights only", file=sys.stderr)
@@ -199,6 +221,7 @@ def _compile(args: argparse.Namespace) -> int:
         compare_allocators=args.report is not None,
         recalibrate_bn=recalibrate_bn,
         prune=args.prune,
+        sparsify=args.sparsify,
         progress=progress,
     )
     result = pipeline.run(model, progress=progress)
@@ -247,6 +270,19 @@ def _finetune(args: argparse.Namespace) -> int:
     if evaluation is not None:
         after = top1_accuracy(str(output), evaluation)
         print(f"  accuracy   {100 * before:.2f}% -> {100 * after:.2f}% top-1 on {evaluation.source}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pcc.backends.tvm.runner import CompiledModel, save_outputs
+
+    compiled = CompiledModel.load(args.model)
+    outputs = compiled.run_npz(args.input)
+    for name, value in outputs.items():
+        print(f"{name}: {value.dtype}{list(value.shape)}  mean {value.mean():.6g}")
+    if args.output:
+        save_outputs(outputs, args.output)
+        print(f"pcc: wrote {args.output}")
     return 0
 
 

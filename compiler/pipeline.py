@@ -38,6 +38,7 @@ from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 from pcc.passes.transforms.prune_blocks import PruneBlocks
 from pcc.passes.transforms.prune_channels import PruneChannels
 from pcc.passes.transforms.prune_tokens import PruneTokens
+from pcc.passes.transforms.sparsify_weights import SPARSIFY_ALLOCATORS, SparsifyWeights
 
 __all__ = [
     "Pipeline",
@@ -189,6 +190,7 @@ def channel_pruning_pipeline(
     compare_allocators: bool = False,
     recalibrate_bn: bool = False,
     prune: tuple[str, ...] = ("channels",),
+    sparsify: str | None = None,
     progress: bool = False,
 ) -> Pipeline:
     """The default `pcc compile` pipeline: prepare, group, score, [measure], allocate, prune, measure.
@@ -199,7 +201,9 @@ def channel_pruning_pipeline(
     (for the report). `recalibrate_bn` re-estimates BatchNorm statistics on `calibration` after pruning,
     and the sensitivity sweep and comparisons measure variants the same way. `prune` names what may
     lose units: "channels" and/or "heads" (whole attention heads; `sparsity` is then a fraction of
-    the selected groups' cost).
+    the selected groups' cost). `sparsify` (a pattern: unstructured, nm:N:M, block:RxC) zeroes weights
+    instead of removing units: `sparsity` is then the fraction of the layers' weights made zero, split by
+    `allocator` (uniform, global, lamp).
     """
     if allocator not in ALLOCATORS:
         raise InvalidRequestError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATORS)}")
@@ -218,7 +222,14 @@ def channel_pruning_pipeline(
     unknown = sorted(set(prune) - set(PRUNABLE_KINDS))
     if unknown or not prune:
         raise InvalidRequestError(f"cannot prune {', '.join(unknown) or 'nothing'}; choose from {', '.join(PRUNABLE_KINDS)}")
-    groups = tuple(k for k in prune if k in GROUP_KINDS)
+    if sparsify is not None:
+        if allocator not in SPARSIFY_ALLOCATORS:
+            raise InvalidRequestError(f"--allocator {allocator} does not apply to --sparsify; choose from {', '.join(SPARSIFY_ALLOCATORS)}")
+        if prune != ("channels",):
+            raise InvalidRequestError("--sparsify zeroes weights instead of removing units; it does not combine with --prune")
+        if budget != "params":
+            raise InvalidRequestError("--sparsify counts zeroed weights: --budget macs|latency does not apply")
+    groups = tuple(k for k in prune if k in GROUP_KINDS) if sparsify is None else ()
     passes: list[ir.passes.PassBase] = [*preparation_passes(), MeasureCost("before")]
     if "blocks" in prune:
         passes += [FindResidualBlocks(calibration), PruneBlocks(sparsity=sparsity)]
@@ -261,5 +272,7 @@ def channel_pruning_pipeline(
         passes.append(RecalibrateBatchNorm(calibration))
     if "tokens" in prune:
         passes += [FindAttentionBlocks(required_by="--prune tokens"), PruneTokens(sparsity=sparsity)]
+    if sparsify is not None:
+        passes.append(SparsifyWeights(sparsify, sparsity, allocator))
     passes.append(MeasureCost("after"))
     return Pipeline(passes)

@@ -68,6 +68,8 @@ class CompileReport:
     calib_accuracy_after: float | None = None
     blocks: str | None = None  # the BlockPruneReport summary, with --prune blocks
     tokens: str | None = None  # the TokenPruneReport summary, with --prune tokens
+    sparsify: str | None = None  # the SparsifyReport summary, with --sparsify
+    latency_engine: str = "onnxruntime CPU"  # what ran the timed models (dense always in onnxruntime)
     latency_length: int | None = None  # the size given to other symbolic input axes (sequence length) when timing
     outputs_reshaped: list[str] = field(default_factory=list)  # outputs whose shape pruning changed (token axes)
 
@@ -112,7 +114,7 @@ class CompileReport:
             f"-{100 * self.prunable_removed:.1f}% of prunable)",
             f"  MACs       {human(self.macs_before)} -> {human(self.macs_after)}  ({self.macs_ratio:.2f}x fewer)",
             f"  latency    {self.latency_ms_before:.2f} ms -> {self.latency_ms_after:.2f} ms  "
-            f"({self.speedup:.2f}x; onnxruntime CPU, batch {self.latency_batch}"
+            f"({self.speedup:.2f}x; {self.latency_engine}, batch {self.latency_batch}"
             + (f", length {self.latency_length}" if self.latency_length else "")
             + f", median of {self.latency_repeats} interleaved runs)",
             f"  groups     {self.groups_pruned}/{self.groups_total} pruned ({self.allocator}, {self.importance}, "
@@ -133,6 +135,8 @@ class CompileReport:
             lines.append(f"  blocks     {self.blocks}")
         if self.tokens:
             lines.append(f"  tokens     {self.tokens}")
+        if self.sparsify:
+            lines.append(f"  sparsify   {self.sparsify}")
         if self.predicted_latency_ms_after is not None:
             lines.append(
                 f"  predicted  latency {self.predicted_latency_ms_before:.2f} ms -> {self.predicted_latency_ms_after:.2f} ms "

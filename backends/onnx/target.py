@@ -19,8 +19,9 @@ from pcc.passes.allocation import Allocation
 from pcc.passes.analysis import CostReport, DependencyGroups
 from pcc.passes.analysis.sensitivity import Sensitivity
 from pcc.passes.transforms import BlockPruneReport, PruneReport, TokenPruneReport
+from pcc.passes.transforms.sparsify_weights import SparsifyReport
 
-__all__ = ["OnnxTarget"]
+__all__ = ["OnnxTarget", "build_report", "describe_transforms"]
 
 
 @dataclass
@@ -39,6 +40,9 @@ class OnnxTarget:
 
     def default_output(self, model_path: Path) -> Path:
         return Path.cwd() / f"{model_path.stem}.pruned.onnx"
+
+    def check(self, model) -> None:
+        """Nothing to check up front: onnxruntime runs every standard op the loader accepted."""
 
     def emit(
         self,
@@ -66,18 +70,23 @@ class OnnxTarget:
 
         write_checked(result.model, output, verify=run_before_commit)
         latency = paired_latency(dense, checked["session"], feeds, repeats=self.repeats, progress=self.progress)
-        report = _report(result, output, model_name, allocator, importance, latency, checked["difference"], self.name)
+        report = build_report(result, output, model_name, allocator, importance, latency, checked["difference"], self.name)
         report.latency_batch = self.batch
         if any(not isinstance(d, int) or d <= 0 for spec in dense.get_inputs() for d in spec.shape[1:]):
             report.latency_length = self.length
         report.outputs_reshaped = checked["reshaped"]
-        blocks, tokens = result.get(BlockPruneReport), result.get(TokenPruneReport)
-        report.blocks = blocks.summary() if blocks is not None else None
-        report.tokens = tokens.summary() if tokens is not None else None
+        describe_transforms(report, result)
         return report
 
 
-def _report(result, output, model_name, allocator, importance, latency, difference, target) -> CompileReport:
+def describe_transforms(report: CompileReport, result: PipelineResult) -> None:
+    """The summaries of the transforms beyond channel pruning that ran (blocks, tokens, sparse weights)."""
+    for name, result_type in (("blocks", BlockPruneReport), ("tokens", TokenPruneReport), ("sparsify", SparsifyReport)):
+        found = result.get(result_type)
+        setattr(report, name, found.summary() if found is not None else None)
+
+
+def build_report(result, output, model_name, allocator, importance, latency, difference, target) -> CompileReport:
     groups = result.get(DependencyGroups)
     allocation = result.get(Allocation)
     pruning = result.get(PruneReport)

@@ -33,6 +33,7 @@ from pcc.passes.analysis.dependency_groups import DependencyGroups
 from pcc.passes.results import fetch, store
 
 __all__ = [
+    "lamp_within",
     "CRITERIA",
     "DATA_CRITERIA",
     "REDUCTIONS",
@@ -106,11 +107,17 @@ def lamp_scores(groups: DependencyGroups, scores: np.ndarray) -> np.ndarray:
     """Within each group: score / sum of the group's scores that are >= it (LAMP)."""
     lamp = np.zeros_like(scores, dtype=np.float64)
     for group in groups.groups:
-        own = scores[group.units].astype(np.float64)
-        order = np.argsort(own, kind="stable")
-        tail = np.cumsum(own[order][::-1])[::-1]  # sum of this and every larger score
-        values = np.divide(own[order], tail, out=np.zeros_like(tail), where=tail > 0)
-        lamp[group.unit_start + order] = values
+        lamp[group.units] = lamp_within(scores[group.units])
+    return lamp
+
+
+def lamp_within(scores: np.ndarray) -> np.ndarray:
+    """LAMP over one layer's units: each score / the sum of the layer's scores at least as large."""
+    own = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(own, kind="stable")
+    tail = np.cumsum(own[order][::-1])[::-1]  # sum of this and every larger score
+    lamp = np.empty_like(own)
+    lamp[order] = np.divide(own[order], tail, out=np.zeros_like(tail), where=tail > 0)
     return lamp
 
 

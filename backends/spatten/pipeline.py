@@ -1,0 +1,123 @@
+"""The pruning pipeline of `--target spatten`: one sparsity split between cascade token and head pruning.
+
+`--sparsity S` with `--target spatten` is the average fraction of token x head attention work removed
+across the layers: mean over layers of (1 - token_keep[l] x head_keep[l]) = S, where token_keep is the
+fraction of the input's tokens a layer sees (PruneTokens) and head_keep the fraction of heads it computes
+(CascadeHeads). Both follow SpAtten's cascade schedules (tokens spared in the first 15% of the layers,
+heads in the first 30%, then ramps).
+
+The split follows the paper's balance: head pruning is the smaller lever (1.1x against 1.9x for token
+pruning in its breakdown; our BERT benchmark setting removes 10% of heads and 35% of tokens), so heads get
+a fixed share, head sparsity = `HEAD_SHARE` x S, and the token sparsity is solved numerically (bisection;
+the work removed grows monotonically with it) so that the mean above is S. The equation is written on the
+schedules' fractions; the passes floor them to whole heads and tokens, and the report shows what was kept.
+
+The split needs the number of attention layers, which is known only once FindAttentionBlocks has run, so
+it is done by a pass, `CascadeTokensAndHeads`, which then runs PruneTokens and CascadeHeads with the two
+per-layer schedules (a side whose schedule keeps everything is skipped: a model with a static sequence
+length can still be lowered at sparsity 0, or with heads only through explicit schedules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from pcc.compiler.errors import InvalidRequestError
+from pcc.compiler.pipeline import Pipeline, preparation_passes
+from pcc.passes.analysis.attention import AttentionBlocks, FindAttentionBlocks
+from pcc.passes.results import fetch, store
+from pcc.passes.transforms.cascade_heads import HEADS_UNPRUNED, CascadeHeads
+from pcc.passes.transforms.prune_tokens import TOKENS_UNPRUNED, PruneTokens, cascade_keep_schedule
+
+__all__ = ["HEAD_SHARE", "AttentionSparsitySplit", "CascadeTokensAndHeads", "spatten_pipeline", "split_attention_sparsity"]
+
+HEAD_SHARE = 0.25  # head sparsity = HEAD_SHARE x the requested token x head sparsity
+_BISECTION_STEPS = 60
+
+
+@dataclass
+class AttentionSparsitySplit:
+    META_KEY = "pcc.spatten_sparsity_split"
+    PRODUCED_BY = "CascadeTokensAndHeads"
+
+    sparsity: float  # requested: mean over layers of 1 - token_keep x head_keep
+    token_sparsity: float  # what PruneTokens' schedule removes on average
+    head_sparsity: float
+    token_keep: list[float]
+    head_keep: list[float]
+
+    def summary(self) -> str:
+        return (f"token x head attention work -{100 * self.sparsity:.1f}% = tokens -{100 * self.token_sparsity:.1f}%, "
+                f"heads -{100 * self.head_sparsity:.1f}% (cascade schedules)")
+
+
+def _removed(token_keep: list[float], head_keep: list[float]) -> float:
+    return float(np.mean(1 - np.asarray(token_keep) * np.asarray(head_keep)))
+
+
+def split_attention_sparsity(layers: int, sparsity: float, head_share: float = HEAD_SHARE) -> AttentionSparsitySplit:
+    """Token and head schedules removing `sparsity` of the token x head work on average over `layers`."""
+    if not 0 <= sparsity < 1:
+        raise InvalidRequestError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if not 0 <= head_share < 1:
+        raise InvalidRequestError(f"the heads' share of the sparsity must be in [0, 1), got {head_share}")
+    head_sparsity = head_share * sparsity
+    head_keep = cascade_keep_schedule(layers, head_sparsity, HEADS_UNPRUNED)
+    # PruneTokens' schedule reaches at most (unpruned layers excluded) this average sparsity, exclusive
+    reachable = 1 - max(1, int(np.ceil(TOKENS_UNPRUNED * layers))) / layers
+    low, high = 0.0, reachable
+    if sparsity > 0 and _removed(cascade_keep_schedule(layers, high * (1 - 1e-9), TOKENS_UNPRUNED), head_keep) < sparsity:
+        raise InvalidRequestError(
+            f"sparsity {sparsity} is out of reach on {layers} attention layer(s): SpAtten's schedules spare the first "
+            f"{100 * TOKENS_UNPRUNED:.0f}% of the layers from token pruning and {100 * HEADS_UNPRUNED:.0f}% from head pruning"
+        )
+    for _ in range(_BISECTION_STEPS if sparsity > 0 else 0):
+        middle = (low + high) / 2
+        if _removed(cascade_keep_schedule(layers, middle, TOKENS_UNPRUNED), head_keep) < sparsity:
+            low = middle
+        else:
+            high = middle
+    token_sparsity = high if sparsity > 0 else 0.0
+    token_keep = cascade_keep_schedule(layers, token_sparsity, TOKENS_UNPRUNED)
+    return AttentionSparsitySplit(sparsity, token_sparsity, head_sparsity, token_keep, head_keep)
+
+
+@dataclass
+class CascadeTokensAndHeads(ir.passes.InPlacePass):
+    """Transform: SpAtten's cascade token then head pruning removing `sparsity` of the token x head attention
+    work on average over the layers, split by `split_attention_sparsity` (needs FindAttentionBlocks)."""
+
+    sparsity: float
+    head_share: float = HEAD_SHARE
+    split: AttentionSparsitySplit | None = field(default=None, init=False)
+
+    def requires(self, model: ir.Model) -> None:
+        fetch(model, AttentionBlocks)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        blocks = fetch(model, AttentionBlocks).blocks
+        if not blocks:
+            raise InvalidRequestError("cascade token and head pruning needs multi-head attention, but the model has none")
+        self.split = split_attention_sparsity(len(blocks), self.sparsity, self.head_share)
+        modified = False
+        # tokens first: head pruning drops the static head counts that PruneTokens reads from the shapes
+        if min(self.split.token_keep) < 1:
+            modified |= PruneTokens(keep=tuple(self.split.token_keep))(model).modified
+            FindAttentionBlocks()(model)  # PruneTokens invalidated them; CascadeHeads reads them
+        if min(self.split.head_keep) < 1:
+            modified |= CascadeHeads(keep=tuple(self.split.head_keep))(model).modified
+        store(model, self.split)
+        return ir.passes.PassResult(model, modified)
+
+
+def spatten_pipeline(sparsity: float, head_share: float = HEAD_SHARE) -> Pipeline:
+    """Preparation, attention blocks (a model without any is a one-line error naming --target spatten) and
+    cascade token + head pruning at `sparsity` of the token x head attention work."""
+    return Pipeline([
+        *preparation_passes(),
+        FindAttentionBlocks(required_by="--target spatten"),
+        CascadeTokensAndHeads(sparsity, head_share),
+    ])

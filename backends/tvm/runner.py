@@ -35,6 +35,9 @@ class CompiledModel:
         import tvm
         from tvm import relax
 
+        from pcc.backends.tvm.host import use_all_cores
+
+        use_all_cores()  # before the first kernel call starts TVM's thread pool
         if not library.is_file():
             raise ModelLoadError(f"{library}: no such file")
         if not spec_path(library).is_file():

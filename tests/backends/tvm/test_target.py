@@ -1,4 +1,4 @@
-"""The tvm backend: BSR and dense kernels against numpy, the compile/export/run flow, bad input."""
+"""The tvm target: compile, export, run in a fresh process, bad input (the kernels: test_bsr.py, test_dense.py)."""
 
 from __future__ import annotations
 
@@ -13,51 +13,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from pcc.backends.tvm.host import host_target
-from pcc.backends.tvm.kernels import DENSE_STRIP, bsr_matmul_primfunc, dense_matmul_primfunc, to_bsr
 from pcc.compiler.cli import main
 from pcc.compiler.frontend import from_torch
 
 tvm = pytest.importorskip("tvm")
-
-
-def _run_kernel(prim_func, arguments, width):
-    built = tvm.compile(tvm.IRModule({"main": prim_func}), target=host_target())
-    out = tvm.runtime.tensor(np.zeros((arguments[0].shape[0], width), np.float32))
-    built["main"](*(tvm.runtime.tensor(a) for a in arguments), out)
-    return out.numpy()
-
-
-def _block_sparse(rng, k, n, block, density):
-    r, c = block
-    keep = rng.random((-(-n // r), -(-k // c))) < density
-    mask = np.repeat(np.repeat(keep, r, axis=0), c, axis=1)[:n, :k].T
-    return (rng.standard_normal((k, n)) * mask).astype(np.float32)
-
-
-@pytest.mark.parametrize("block", [(16, 1), (4, 4), (1, 1)])
-@pytest.mark.parametrize(("m", "k", "n"), [(8, 64, 48), (3, 70, 37)])  # the second: no side a multiple of the block
-def test_bsr_kernel_matches_numpy(block, m, k, n):
-    rng = np.random.default_rng(0)
-    weight = _block_sparse(rng, k, n, block, 0.3)
-    weight[:, : block[0]] = 0  # the first block row of W^T holds no block at all
-    matrix = to_bsr(weight, block)
-    assert matrix.indptr[1] == 0
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    out = _run_kernel(bsr_matmul_primfunc(m, k, n, matrix), [x, *matrix.arrays()], matrix.block_grid[0] * block[0])
-    np.testing.assert_allclose(out[:, :n], x @ weight, rtol=1e-4, atol=1e-4)
-
-
-def test_a_fully_zero_weight_gives_zeros_and_the_dense_kernel_handles_tails():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((4, 40)).astype(np.float32)
-    matrix = to_bsr(np.zeros((40, 24), np.float32), (16, 1))
-    assert matrix.nnz_blocks == 0
-    out = _run_kernel(bsr_matmul_primfunc(4, 40, 24, matrix), [x, *matrix.arrays()], 32)
-    assert not out[:, :24].any()
-    weight = rng.standard_normal((40, 21)).astype(np.float32)  # 21 = one full strip of 16 and a tail of 5
-    dense = _run_kernel(dense_matmul_primfunc(4, 40, 21), [x, weight], 2 * DENSE_STRIP)
-    np.testing.assert_allclose(dense[:, :21], x @ weight, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ command line names exactly the ones that work.
 """
 
 from pcc.backends.onnx import OnnxTarget
+from pcc.backends.spatten import SpAttenTarget
 from pcc.backends.tvm import TvmTarget
 
 __all__ = ["TARGETS"]
 
-TARGETS = {"onnx": OnnxTarget, "tvm": TvmTarget}
+TARGETS = {"onnx": OnnxTarget, "spatten": SpAttenTarget, "tvm": TvmTarget}

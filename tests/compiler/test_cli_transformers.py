@@ -4,25 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_ir as ir
-import pytest
-import torch
-import zoo
 
-from pcc.compiler import from_torch
 from tests.compiler.test_cli import pcc
 from tests.conftest import run_onnx
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    """A 4-layer nn.TransformerEncoder with symbolic batch and sequence axes, as an ONNX file."""
-    torch.manual_seed(0)
-    model = from_torch(zoo.transformer_encoder(layers=4).eval(), (torch.randn(2, 7, 32),), dynamic_batch=True,
-                       dynamic_sequence=True)
-    path = tmp_path_factory.mktemp("encoder") / "encoder.onnx"
-    onnx.save(ir.serde.serialize_model(model), path)
-    return path
 
 
 def test_tokens_shrink_the_sequence_and_are_timed_at_the_requested_length(tmp_path, encoder):

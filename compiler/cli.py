@@ -1,7 +1,7 @@
 """The `pcc` command line (see shared/CLI.md for the contract).
 
     pcc compile MODEL --sparsity S [--target onnx|tvm|spatten] [-o OUT] [--importance CRITERION]
-                [--allocator uniform|global|lamp|dp] [--budget params|macs|latency] [--calib FILE|DIR]
+                [--allocator uniform|global|lamp|dp|metanet] [--budget params|macs|latency] [--calib FILE|DIR]
                 [--workers N] [--ray [ADDRESS]] [--round-to N] [--no-bn-recalibration] [--report DIR]
                 [--verbose] ...
     pcc compile MODEL --sparsity S --target spatten [-o DIR] [--calib FILE] [--spatten-config full|eighth]
@@ -35,9 +35,9 @@ from pcc.backends.onnx.writer import write_checked
 from pcc.compiler.calibration import load_calibration
 from pcc.compiler.errors import InvalidRequestError, PccError
 from pcc.compiler.frontend import load_onnx
-from pcc.compiler.pipeline import PRUNABLE_KINDS, Pipeline, analysis_pipeline, channel_pruning_pipeline
+from pcc.compiler.pipeline import ALLOCATOR_NAMES, PRUNABLE_KINDS, Pipeline, analysis_pipeline, channel_pruning_pipeline
 from pcc.compiler.report import write_report
-from pcc.passes.allocation import ALLOCATORS, BUDGETS
+from pcc.passes.allocation import BUDGETS
 from pcc.passes.allocation.allocation import check_sparsity
 from pcc.passes.analysis import DependencyGroups
 from pcc.passes.analysis.attention import AttentionBlocks
@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument(
         "--reduction", default="mean", choices=REDUCTIONS, help="how importance is reduced over a group's layers"
     )
-    compile_.add_argument("--allocator", default="uniform", choices=list(ALLOCATORS), help="how the budget is split")
+    compile_.add_argument(
+        "--allocator", default="uniform", choices=ALLOCATOR_NAMES,
+        help="how the budget is split; metanet rewrites the weights with the shipped metanetwork first, then ranks "
+        "its group norms globally",
+    )
     compile_.add_argument(
         "--budget", default="params", choices=BUDGETS,
         help="what --sparsity is a fraction of: prunable params, MACs, or latency measured in onnxruntime",

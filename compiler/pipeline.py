@@ -41,6 +41,7 @@ from pcc.passes.transforms.prune_tokens import PruneTokens
 from pcc.passes.transforms.sparsify_weights import SPARSIFY_ALLOCATORS, SparsifyWeights
 
 __all__ = [
+    "ALLOCATOR_NAMES",
     "Pipeline",
     "PipelineResult",
     "PassTiming",
@@ -163,6 +164,9 @@ def preparation_passes() -> list[ir.passes.PassBase]:
     ]
 
 
+# `--allocator` names: the allocation passes, and `metanet` (pcc.metanet: the metanetwork transform, then a
+# global ranking of its group norms), imported only when asked for (torch-geometric is slow to import)
+ALLOCATOR_NAMES = (*ALLOCATORS, "metanet")
 GROUP_KINDS = ("channels", "heads")  # what the allocators and PruneChannels remove, as dependency groups
 PRUNABLE_KINDS = (*GROUP_KINDS, "blocks", "tokens")  # blocks and tokens have their own passes
 
@@ -205,8 +209,8 @@ def channel_pruning_pipeline(
     instead of removing units: `sparsity` is then the fraction of the layers' weights made zero, split by
     `allocator` (uniform, global, lamp).
     """
-    if allocator not in ALLOCATORS:
-        raise InvalidRequestError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATORS)}")
+    if allocator not in ALLOCATOR_NAMES:
+        raise InvalidRequestError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATOR_NAMES)}")
     if importance not in CRITERIA:
         raise InvalidRequestError(f"unknown importance {importance!r}; choose from {', '.join(CRITERIA)}")
     if reduction not in REDUCTIONS:
@@ -240,6 +244,10 @@ def channel_pruning_pipeline(
     if not groups:  # no channel or head kind asked for: an allocation that keeps every unit
         passes += [ScoreImportance(criterion="l2"), ALLOCATORS["uniform"](sparsity=0.0, budget=budget)]
     else:
+        if allocator == "metanet" and sparsity > 0:  # at sparsity 0 the output must be the input model
+            from pcc.metanet.transform import MetanetTransform
+
+            passes.append(MetanetTransform())
         passes.append(
             ScoreImportance(criterion=importance, reduction=reduction, seed=seed, calibration=calibration, progress=progress)
         )
@@ -258,6 +266,10 @@ def channel_pruning_pipeline(
                     workers=workers, ray_address=ray_address,
                 )
             )
+        elif allocator == "metanet":
+            from pcc.metanet.transform import AllocateMetanet
+
+            passes.append((AllocateMetanet if sparsity > 0 else ALLOCATORS["global"])(sparsity=sparsity, budget=budget))
         else:
             passes.append(ALLOCATORS[allocator](sparsity=sparsity, budget=budget))
         if compare_allocators:

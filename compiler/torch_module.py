@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pcc.compiler.errors import UnsupportedModelError
 
-__all__ = ["IRModule", "TORCH_OPS"]
+__all__ = ["IRModule", "TORCH_OPS", "trainable_initializers"]
 
 Tensor = torch.Tensor
 OpFn = Callable[[list[Tensor | None], dict[str, Any]], list[Tensor] | Tensor]
@@ -42,6 +42,7 @@ _TORCH_DTYPES = {
     ir.DataType.BOOL: torch.bool,
 }
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FLOAT_IR_TYPES = {t for t, torch_type in _TORCH_DTYPES.items() if torch_type in _FLOATS}
 
 
 def _ints(t: Tensor | None) -> list[int] | None:
@@ -623,9 +624,10 @@ class IRModule(torch.nn.Module):
         self.weights = torch.nn.ParameterList()
         frozen = _statistics_inputs(graph)
         self._statistics = sorted(frozen & set(graph.initializers))
+        trainable = set(trainable_initializers(model))
         for name, value in graph.initializers.items():
             tensor = torch.from_numpy(np.array(value.const_value.numpy()))
-            if tensor.dtype in _FLOATS and name not in frozen:
+            if name in trainable:
                 self._param_index[name] = len(self.weights)
                 self.weights.append(torch.nn.Parameter(tensor))
             else:
@@ -651,13 +653,19 @@ class IRModule(torch.nn.Module):
     def weight(self, name: str) -> torch.nn.Parameter:
         return self.weights[self._param_index[name]]
 
-    def forward(self, feeds: Mapping[str, Tensor | np.ndarray]) -> list[Tensor]:
-        return self.run(feeds)[0]
+    def forward(self, feeds: Mapping[str, Tensor | np.ndarray], weights: Mapping[str, Tensor] | None = None) -> list[Tensor]:
+        return self.run(feeds, weights=weights)[0]
 
-    def run(self, feeds: Mapping[str, Tensor | np.ndarray], capture: Iterable[str] = ()) -> tuple[list[Tensor], dict[str, Tensor]]:
+    def run(
+        self, feeds: Mapping[str, Tensor | np.ndarray], capture: Iterable[str] = (),
+        weights: Mapping[str, Tensor] | None = None,
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """`weights` replaces parameters by name for this call (tensors computed elsewhere, such as a
+        metanetwork's output, so gradients flow into whatever produced them)."""
         env: dict[str, Tensor] = dict(self._constants)
         for name, index in self._param_index.items():
             env[name] = self.weights[index]
+        env.update(weights or {})
         for name in self.input_names:
             if name not in feeds:
                 raise ValueError(f"missing input '{name}'")
@@ -704,6 +712,15 @@ class IRModule(torch.nn.Module):
             value = model.graph.initializers[name]
             array = tensor.cpu().numpy().astype(value.const_value.numpy().dtype, copy=True)
             value.const_value = ir.tensor(array, name=name)
+
+
+def trainable_initializers(model: ir.Model) -> list[str]:
+    """The initializers `IRModule` makes parameters: floating point, not BatchNorm statistics."""
+    frozen = _statistics_inputs(model.graph)
+    return [
+        name for name, value in model.graph.initializers.items()
+        if name not in frozen and value.const_value is not None and value.const_value.dtype in _FLOAT_IR_TYPES
+    ]
 
 
 def _statistics_inputs(graph: ir.Graph) -> set[str]:

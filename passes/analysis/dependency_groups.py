@@ -115,6 +115,10 @@ class DependencyGroups:
     total_params: int
     prunable_params: int
     round_to: int
+    # connected component of every element of every space (frozen ones too), spaces laid end to end from
+    # `space_offsets`: which channels are one channel, for views of the model as a graph of channels
+    components: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), repr=False)
+    space_offsets: list[int] = field(default_factory=list, repr=False)
     _space_index: dict[tuple[str, int], int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +126,14 @@ class DependencyGroups:
 
     def space_id(self, value: str, axis: int) -> int | None:
         return self._space_index.get((value, axis))
+
+    def channel_components(self, value: str, axis: int) -> np.ndarray | None:
+        """The component id of each element along `axis` of `value` (equal ids: one channel), if recorded."""
+        space = self.space_id(value, axis)
+        if space is None:
+            return None
+        start = self.space_offsets[space]
+        return self.components[start : start + self.spaces[space].size]
 
     @property
     def prunable_fraction(self) -> float:
@@ -431,6 +443,8 @@ def _assemble(
         total_params=total,
         prunable_params=prunable,
         round_to=round_to,
+        components=np.unique(labels, return_inverse=True)[1].reshape(-1),
+        space_offsets=list(rec.space_offsets),
     )
 
 

@@ -2,8 +2,9 @@
 
 - `plain`: Conv-BN-ReLU stacks (3 or 4 layers, widths 16-48), max pooling, global average pooling, linear.
 - `residual`: a stem and residual blocks (two Conv-BN per block, identity or 1x1 projection shortcuts).
-- `separable`: depthwise-separable blocks (depthwise 3x3 + pointwise 1x1): the family the metanetwork is
-  never meta-trained on, to show it works on architectures it has not seen.
+- `separable`: depthwise-separable blocks (depthwise 3x3 + pointwise 1x1).
+- `branchy`: Inception-like blocks, a 1x1 and a 3x3 branch concatenated: the family the metanetwork is never
+  meta-trained on, to show it works on architectures it has not seen.
 
 Each model trains for one pass over `TRAIN_IMAGES` training images (Adam, one-cycle, batch 64), 7-10 s on 2
 cores (86-89% test accuracy), and is cached as ONNX in ~/.cache/pcc/metanet_data/ by family, index and seed, so the step runs once.
@@ -32,7 +33,7 @@ from sdists import CACHE  # noqa: E402
 from pcc.compiler import from_torch  # noqa: E402
 from pcc.compiler.pipeline import Pipeline, preparation_passes  # noqa: E402
 
-FAMILIES = ("plain", "residual", "separable")
+FAMILIES = ("plain", "residual", "separable", "branchy")
 TRAIN_IMAGES = 30_000
 FOLDER = CACHE / "metanet_data"
 WIDTHS = (16, 24, 32, 48)
@@ -98,6 +99,30 @@ class Separable(nn.Module):
         return self.classifier(self.features(image))
 
 
+class BranchBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.narrow = nn.Sequential(*conv_bn(cin, cout // 2, 1), nn.ReLU())
+        self.wide = nn.Sequential(*conv_bn(cin, cout - cout // 2), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.narrow(x), self.wide(x)], dim=1)
+
+
+class Branchy(nn.Module):
+    def __init__(self, widths: list[int]) -> None:
+        super().__init__()
+        layers, cin = [*conv_bn(1, widths[0]), nn.ReLU(), nn.MaxPool2d(2)], widths[0]
+        for i, width in enumerate(widths[1:]):
+            layers += [BranchBlock(cin, width)] + ([nn.MaxPool2d(2)] if i == 0 else [])
+            cin = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(cin, 10)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(image))
+
+
 def architecture(family: str, index: int) -> nn.Module:
     """The `index`-th architecture of `family`: widths drawn from WIDTHS by a generator seeded with index."""
     rng = np.random.default_rng([FAMILIES.index(family), index])
@@ -107,6 +132,8 @@ def architecture(family: str, index: int) -> nn.Module:
         return Plain(widths)
     if family == "residual":
         return Residual(widths[:3])
+    if family == "branchy":
+        return Branchy(widths)
     return Separable(widths)
 
 
@@ -143,10 +170,6 @@ def data_model(family: str, index: int, seed: int = 0) -> ir.Model:
     ir.save(model, staged)
     staged.replace(path)
     return model
-
-
-def data_models(family: str, count: int, first: int = 0, seed: int = 0) -> list[tuple[str, ir.Model]]:
-    return [(f"{family}_{i}", data_model(family, i, seed)) for i in range(first, first + count)]
 
 
 def main() -> None:

@@ -15,9 +15,11 @@ converters, so any graph pcc can group becomes a metanetwork input:
   two values.
 
 Every element of every transformed parameter sits in exactly one (edge, slot), so reading the edge values
-back gives the weights exactly (`ChannelGraph.to_weights`). Trainable float parameters only: BatchNorm
-running statistics and parameters of no recognised structure (an embedding table, a positional encoding)
-are left as they are and listed in `ChannelGraph.untouched`.
+back gives the weights exactly (`ChannelGraph.to_weights`). Trainable float parameters up to 32 bits only
+(edge values are float32): BatchNorm running statistics, float64 tensors and parameters of no recognised
+structure (a positional encoding, a scalar clip bound) are left as they are and listed in
+`ChannelGraph.untouched`. A table with only an output-channel axis (a token embedding [vocab, d]) is read
+like a grouped weight: one self-loop per (channel, row).
 
 The GNN sees normalised values: each parameter's values divided by its RMS (`value_scale`), since layers
 of one network differ in scale by orders of magnitude and the same metanetwork must serve them all.
@@ -39,6 +41,7 @@ from pcc.passes.analysis.dependency_groups import DependencyGroups
 
 __all__ = [
     "EDGE_FEATURES", "EDGE_KINDS", "EDGE_WIDTH", "NODE_FEATURES", "ChannelGraph", "ParameterEdges", "build_channel_graph",
+    "prunable_nodes",
 ]
 
 EDGE_WIDTH = 9  # values per edge: a 3x3 kernel; a 1x1 conv or linear weight uses slot 0
@@ -76,6 +79,10 @@ class ChannelGraph:
     unit_of_node: np.ndarray
     untouched: list[str] = field(default_factory=list)
 
+    def prunable_node_ids(self, groups: DependencyGroups) -> np.ndarray:
+        """The channel nodes that are units of prunable groups: what the sparsity loss and measures read."""
+        return np.flatnonzero(prunable_nodes(self.unit_of_node, groups))
+
     def to_weights(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameter tensors (by initializer name) read from edge values [E, EDGE_WIDTH]; differentiable."""
         return {
@@ -106,6 +113,9 @@ def build_channel_graph(model: ir.Model, groups: DependencyGroups) -> ChannelGra
     depth_of_parameter = {name: i / max(len(order) - 1, 1) for name, i in order.items()}
     for name in sorted(trainable, key=lambda n: order.get(n, len(order))):
         array = model.graph.initializers[name].const_value.numpy()
+        if array.dtype == np.float64:
+            untouched.append(name)
+            continue
         axes = roles.get(name, {})
         out_axes = [a for a, r in axes.items() if r is Role.OUT]
         in_axes = [a for a, r in axes.items() if r is Role.IN]
@@ -223,9 +233,7 @@ def _node_features(model, groups, data, channel_nodes, sources) -> torch.Tensor:
                 if ids is not None:
                     x[torch.from_numpy(ids), column] = 1
     x[channel_nodes:, 2] = 1
-    units = _units_of_nodes(groups, channel_nodes + sources)
-    prunable = groups.prunable_units()
-    x[:, 3] = torch.from_numpy(np.where(units >= 0, prunable[np.maximum(units, 0)], False).astype(np.float32))
+    x[:, 3] = torch.from_numpy(prunable_nodes(_units_of_nodes(groups, channel_nodes + sources), groups).astype(np.float32))
     # depth: of the first weight producing the channel, else of the parameter a source node holds
     source, target = data.edge_index
     edge_depth = data.edge_attr[:, -1]
@@ -237,6 +245,13 @@ def _node_features(model, groups, data, channel_nodes, sources) -> torch.Tensor:
     depth = torch.where(produced <= 1, produced, torch.where(held <= 1, held, torch.zeros(())))
     x[:, 4] = depth
     return x
+
+
+def prunable_nodes(unit_of_node: np.ndarray, groups: DependencyGroups) -> np.ndarray:
+    """Whether each node is a unit of a group that can lose units (none of a model with no units at all)."""
+    mask = unit_of_node >= 0
+    mask[mask] = groups.prunable_units()[unit_of_node[mask]]
+    return mask
 
 
 def _units_of_nodes(groups: DependencyGroups, num_nodes: int) -> np.ndarray:

@@ -44,18 +44,21 @@ def _mlp(inputs: int, hidden: int) -> nn.Sequential:
 
 class EdgeNodeLayer(MessagePassing):
     """One round: edges from (source node, target node, edge), then nodes from (node, mean incoming edge,
-    mean outgoing edge); both residual."""
+    mean outgoing edge); both residual. The last layer of a metanetwork updates edges only: the head reads
+    edges, so a node update there would be computed for nothing."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, update_nodes: bool = True) -> None:
         super().__init__(aggr="mean")
         self.edge_mlp = _mlp(3 * hidden, hidden)
-        self.node_mlp = _mlp(3 * hidden, hidden)
         self.edge_norm = nn.LayerNorm(3 * hidden)
-        self.node_norm = nn.LayerNorm(3 * hidden)
+        self.node_mlp = _mlp(3 * hidden, hidden) if update_nodes else None
+        self.node_norm = nn.LayerNorm(3 * hidden) if update_nodes else None
 
     def forward(self, nodes: torch.Tensor, edge_index: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         source, target = edge_index
         edges = edges + self.edge_mlp(self.edge_norm(torch.cat([nodes[source], nodes[target], edges], dim=1)))
+        if self.node_mlp is None:
+            return nodes, edges
         incoming = self.propagate(edge_index, edges=edges, size=(nodes.size(0), nodes.size(0)))
         outgoing = self.propagate(edge_index.flip(0), edges=edges, size=(nodes.size(0), nodes.size(0)))
         nodes = nodes + self.node_mlp(self.node_norm(torch.cat([nodes, incoming, outgoing], dim=1)))
@@ -74,7 +77,8 @@ class Metanetwork(nn.Module):
         hidden = self.config.hidden
         self.node_embed = nn.Linear(NODE_FEATURES, hidden)
         self.edge_embed = nn.Linear(EDGE_FEATURES, hidden)
-        self.layers = nn.ModuleList(EdgeNodeLayer(hidden) for _ in range(self.config.layers))
+        self.layers = nn.ModuleList(EdgeNodeLayer(hidden, update_nodes=i < self.config.layers - 1)
+                                    for i in range(self.config.layers))
         self.head = nn.Linear(hidden, EDGE_WIDTH)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)

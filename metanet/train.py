@@ -54,7 +54,9 @@ class DataModel:
     group_of_node: torch.Tensor = field(init=False)  # for each of those, its dependency group (dense index)
 
     def __post_init__(self) -> None:
-        self.prunable_nodes = torch.from_numpy(np.flatnonzero(_prunable_node_mask(self.graph, self.groups)))
+        self.prunable_nodes = torch.from_numpy(self.graph.prunable_node_ids(self.groups))
+        if not len(self.prunable_nodes):
+            raise ValueError(f"data model {self.name} has no prunable channels: nothing for meta-training to sparsify")
         owner = self.groups.unit_group()[self.graph.unit_of_node[self.prunable_nodes.numpy()]]
         self.group_of_node = torch.from_numpy(np.unique(owner, return_inverse=True)[1].reshape(-1))
         self.module.eval()
@@ -115,11 +117,14 @@ def meta_train(
     steps: int = 500,
     alpha: float = 1.0,
     lr: float = 1e-3,
+    distill: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> MetaTrainLog:
     """Train `metanet` in place for `steps` steps, each on one data model (round robin in a shuffled order)
-    and one batch from `batches(data_model, rng)`. Adam with a cosine-decayed learning rate."""
+    and one batch from `batches(data_model, rng)`. Adam with a cosine-decayed learning rate. `distill`: the
+    task loss is the KL divergence from the input network's own outputs instead of cross-entropy on the
+    labels, which asks the transform to keep the function rather than merely the task."""
     if not data_models:
         raise ValueError("meta-training needs at least one data model")
     rng = np.random.default_rng(seed)
@@ -136,7 +141,13 @@ def meta_train(
         data_model = data_models[order.pop()]
         feeds, labels = batches(data_model, rng)
         values = metanet(data_model.graph.data)
-        task = F.cross_entropy(data_model.logits(values, feeds), torch.from_numpy(labels))
+        logits = data_model.logits(values, feeds)
+        if distill:
+            with torch.no_grad():
+                reference = data_model.logits(data_model.graph.data.weight_values, feeds)
+            task = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean")
+        else:
+            task = F.cross_entropy(logits, torch.from_numpy(labels))
         sparsity = data_model.group_lasso(values)
         loss = task + alpha * sparsity
         optimizer.zero_grad()
@@ -165,9 +176,3 @@ def group_norm_sparsity(graph: ChannelGraph, groups: DependencyGroups, values: t
         l1, l2, n = unit_norms.sum(), np.sqrt((unit_norms**2).sum()), group.num_units
         measures.append((np.sqrt(n) - l1 / l2) / (np.sqrt(n) - 1) if l2 > 0 else 0.0)
     return float(np.mean(measures)) if measures else 0.0
-
-
-def _prunable_node_mask(graph: ChannelGraph, groups: DependencyGroups) -> np.ndarray:
-    prunable = groups.prunable_units()
-    units = graph.unit_of_node
-    return (units >= 0) & prunable[np.maximum(units, 0)]

@@ -88,8 +88,7 @@ class MetanetTransform(ir.passes.InPlacePass):
             value.const_value = ir.tensor(tensor.numpy().astype(value.const_value.numpy().dtype), name=name)
         change = sum(float(((after[n] - before[n]) ** 2).sum()) for n in after)
         scale = sum(float((before[n] ** 2).sum()) for n in after)
-        units = graph.unit_of_node
-        prunable = np.flatnonzero((units >= 0) & groups.prunable_units()[np.maximum(units, 0)])
+        prunable = graph.prunable_node_ids(groups)
         norms_before = graph.node_norms(graph.data.weight_values)[prunable].sum()
         norms_after = graph.node_norms(values)[prunable].sum()
         self.report = MetanetReport(

@@ -172,10 +172,11 @@ class AllocatorPass(ir.passes.InPlacePass):
         groups = fetch(model, DependencyGroups)
         importance = fetch(model, Importance)
         if self.sparsity > 0 and not any(g.prunable for g in groups.groups):
-            selected = sorted({g.kind for g in groups.groups if g.enabled}) or ["nothing"]
+            selected = sorted({g.kind for g in groups.groups if g.enabled})
             others = sorted({g.kind for g in groups.groups if not g.enabled and g.num_units > g.unit_multiple})
             hint = f" (it has prunable {', '.join(others)}: see --prune)" if others else ""
-            raise InvalidRequestError(f"nothing to prune: no {'/'.join(selected)} group of this model can lose units{hint}")
+            what = f"no {'/'.join(selected)} group of this model can lose units" if selected else "the model has no channel groups"
+            raise InvalidRequestError(f"nothing to prune: {what}{hint}")
         cost = budget_cost(model, groups, self.budget)
         store(model, self.allocate(model, RemovalPlanner(groups, importance.scores), cost))
         return ir.passes.PassResult(model, modified=False)

@@ -280,11 +280,12 @@ def channel_pruning_pipeline(
                 )
             )
     passes.append(PruneChannels())
-    if recalibrate_bn and sparsity > 0:  # at sparsity 0 the output must be the input model, statistics included
+    if sparsify is not None:
+        passes.append(SparsifyWeights(sparsify, sparsity, allocator))
+    # after whatever changed the weights; at sparsity 0 the output must be the input model, statistics included
+    if recalibrate_bn and sparsity > 0:
         passes.append(RecalibrateBatchNorm(calibration))
     if "tokens" in prune:
         passes += [FindAttentionBlocks(required_by="--prune tokens"), PruneTokens(sparsity=sparsity)]
-    if sparsify is not None:
-        passes.append(SparsifyWeights(sparsify, sparsity, allocator))
     passes.append(MeasureCost("after"))
     return Pipeline(passes)

@@ -122,9 +122,11 @@ def paired_latency(
     warmup: int = 3,
     progress: bool = False,
     pruned_feeds: dict[str, np.ndarray] | None = None,
+    gap: float = 0.0,
 ) -> Latency:
     """Median wall time of each model, runs interleaved in this process. `pruned_feeds` where the pruned
-    model takes other inputs (a pruned KV cache)."""
+    model takes other inputs (a pruned KV cache). `gap`: seconds of idle before each timed run, for an
+    engine whose thread pool keeps spinning after a call and would slow the other engine's run next to it."""
     runs = ((0, dense, feeds), (1, pruned, feeds if pruned_feeds is None else pruned_feeds))
     for _ in range(warmup):
         for _, sess, inputs in runs:
@@ -132,6 +134,8 @@ def paired_latency(
     times = {0: [], 1: []}
     for _ in tqdm(range(repeats), desc="latency", unit="pair", disable=not progress, leave=False):
         for key, sess, inputs in runs:
+            if gap:
+                time.sleep(gap)
             start = time.perf_counter()
             sess.run(None, inputs)
             times[key].append(time.perf_counter() - start)

@@ -3,7 +3,9 @@
 1. Import: `tvm.relax.frontend.onnx.from_onnx` with every input's shape fixed (the kernels below are
    specialised per shape; symbolic axes get the sizes the caller gives), then `FoldConstant`, which turns
    the frontend's transposed Gemm weights into plain constants.
-2. Substitute: every `matmul(x, W)` whose W is a constant becomes a `call_tir` to one of our kernels on
+2. Substitute: every matmul of two activations with static, equal batch axes (attention's Q x K^T and
+   P x V) becomes a `call_tir` to `batch_matmul.py`'s kernel. Every `matmul(x, W)` whose W is a constant
+   becomes a `call_tir` to one of our kernels on
    x viewed as [M, K]: the block-sparse (BSR) kernel with W's blocks baked in as constants, or the
    packed, register-tiled dense kernel (`bsr.py`, `dense.py`). Which one, and which variant of each, is
    decided per layer by *measuring* them on this machine (`tuning.CostTable`, cached on disk), not by a
@@ -11,7 +13,8 @@
    shape, the block and the CPU. Why dense gets our kernel too: TVM 0.27's default CPU lowering leaves
    matmuls unscheduled (see shared/TVM.md: ~100x slower than onnxruntime), so it is no baseline.
 3. Build: `tvm.compile` with TVM's default Relax pipeline for everything else (element-wise ops, norms,
-   softmax: legalised TOPI compute, fused, no tuning).
+   softmax: legalised TOPI compute, fused, no tuning), plus CPU schedules for those fused functions
+   (`schedule.py`: dlight's CPU rules, then parallel spatial loops).
 """
 
 from __future__ import annotations
@@ -49,10 +52,14 @@ class LayerKernel:
 class Lowered:
     executable: object  # tvm.runtime.Executable
     layers: list[LayerKernel] = field(default_factory=list)
+    activation_matmuls: list[tuple[int, int, int, int]] = field(default_factory=list)  # (batch, m, k, n)
 
     def summary(self) -> str:
         sparse = sum(layer.kernel == "bsr" for layer in self.layers)
-        return f"{sparse}/{len(self.layers)} matmuls on BSR kernels, the rest on the scheduled dense kernel (chosen by measurement)"
+        text = f"{sparse}/{len(self.layers)} matmuls on BSR kernels, the rest on the scheduled dense kernel (chosen by measurement)"
+        if self.activation_matmuls:
+            text += f"; {len(self.activation_matmuls)} activation x activation matmuls on the batched kernel"
+        return text
 
 
 def import_relax(model: ir.Model, input_shapes: dict[str, list[int]]):
@@ -82,11 +89,14 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
+    from pcc.backends.tvm.batch_matmul import batch_matmul_primfunc
     from pcc.backends.tvm.bsr import best_bsr_variant, bsr_kernel_arrays, bsr_matmul_primfunc, to_bsr
     from pcc.backends.tvm.dense import best_dense_variant, dense_matmul_primfunc, pack_dense_weight
+    from pcc.backends.tvm.schedule import SCHEDULED, cpu_pipeline
 
     module = import_relax(model, input_shapes)
     layers: list[LayerKernel] = []
+    activation_matmuls: list[tuple[int, int, int, int]] = []
 
     def choose(m: int, weight: np.ndarray):
         """(prim_func, constant arguments) of the faster kernel for x[m, k] @ weight[k, n], each kernel's
@@ -115,7 +125,9 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
             if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
                 return call
             x, weight = call.args
-            if not isinstance(weight, tvm.ir.expr.Constant) or len(weight.ty.shape) != 2:
+            if not isinstance(weight, tvm.ir.expr.Constant):
+                return self.activation_matmul(call, x, weight)
+            if len(weight.ty.shape) != 2:
                 return call
             shape = [int(d) for d in x.ty.shape]
             array = weight.value.numpy().astype(np.float32)
@@ -123,13 +135,31 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
             kernel, constants = choose(m, array)
             self.count += 1
             name = f"pcc_matmul_{self.count}"
-            function = self.builder_.add_func(kernel.with_attr("global_symbol", name), name)
+            function = self.builder_.add_func(kernel.with_attr("global_symbol", name).with_attr(SCHEDULED, True), name)
             flat = self.builder_.emit(relax.op.reshape(x, (m, shape[-1]))) if len(shape) != 2 else x
             n = array.shape[1]
             out = self.builder_.emit(
                 relax.call_tir(function, [flat, *(relax.const(c) for c in constants)], relax.TensorType((m, n), "float32"))
             )
             return relax.op.reshape(out, (*shape[:-1], n)) if len(shape) != 2 else out
+
+        def activation_matmul(self, call, a, b):
+            """a[..., m, k] @ b[..., k, n] with the same static batch axes, float32: `batch_matmul_primfunc`."""
+            shapes = [[int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in v.ty.shape] for v in (a, b)]
+            dtypes = {str(v.ty.dtype) for v in (a, b)}
+            if (dtypes != {"float32"} or None in shapes[0] + shapes[1] or len(shapes[0]) != len(shapes[1])
+                    or len(shapes[0]) < 3 or shapes[0][:-2] != shapes[1][:-2]):
+                return call
+            (*outer, m, k), n = shapes[0], shapes[1][-1]
+            batch = int(np.prod(outer))
+            self.count += 1
+            name = f"pcc_batch_matmul_{self.count}"
+            kernel = batch_matmul_primfunc(batch, m, k, n).with_attr("global_symbol", name).with_attr(SCHEDULED, True)
+            function = self.builder_.add_func(kernel, name)
+            flat = [self.builder_.emit(relax.op.reshape(v, (batch, *shape[-2:]))) for v, shape in zip((a, b), shapes)]
+            out = self.builder_.emit(relax.call_tir(function, flat, relax.TensorType((batch, m, n), "float32")))
+            activation_matmuls.append((batch, m, k, n))
+            return relax.op.reshape(out, (*outer, m, n))
 
         def run(self):
             for global_var, function in self.mod_.functions_items():
@@ -139,8 +169,8 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
 
     use_all_cores()
     module = _SubstituteMatmuls(module).run()
-    executable = tvm.compile(module, target=target)
-    return Lowered(executable, layers)
+    executable = tvm.compile(module, target=target, relax_pipeline=cpu_pipeline(tvm.target.Target(target)))
+    return Lowered(executable, layers, activation_matmuls)
 
 
 def layers_json(lowered: Lowered) -> list[dict]:

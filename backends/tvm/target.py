@@ -52,6 +52,11 @@ def _kernel_block(pattern: str) -> tuple[int, int]:
     return (parsed.rows, parsed.cols) if parsed.kind == "block" else (1, 1)
 
 
+# TVM's thread pool keeps spinning ~150 ms after a call (measured by examples/bench_tvm_kernels.py); each timed
+# run waits this long first, so neither engine is timed while the other's threads still hold the cores
+_POOL_SPIN_SECONDS = 0.2
+
+
 class _LibraryAsSession:
     """The compiled library behind onnxruntime's `run(None, feeds)`, so the shared timing code times it."""
 
@@ -123,7 +128,7 @@ class TvmTarget:
             os.replace(staged, output)
         compiled = CompiledModel.load(output)
         latency = paired_latency(dense, _LibraryAsSession(compiled), {n: feeds[n] for n in shapes},
-                                 repeats=self.repeats, progress=self.progress)
+                                 repeats=self.repeats, progress=self.progress, gap=_POOL_SPIN_SECONDS)
         difference = compare_outputs(dense.run(None, feeds), outputs)
         report = build_report(result, output, model_name, allocator, importance, latency, difference, self.name)
         report.latency_engine = "TVM library vs dense in onnxruntime CPU"

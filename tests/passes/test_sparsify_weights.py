@@ -107,3 +107,17 @@ def test_sparsity_zero_leaves_the_model_as_it_was():
 def test_channel_allocators_are_refused():
     with pytest.raises(InvalidRequestError, match="does not apply to --sparsify"):
         SparsifyWeights("unstructured", 0.5, "dp")(_mlp())
+
+
+def test_batchnorm_is_re_estimated_after_the_weights_are_zeroed(zoo_cache):
+    """Zeroed conv weights shift every BatchNorm's input statistics; re-estimating them before sparsifying
+    (as the pipeline once did) left stale statistics that collapsed a trained CNN to chance."""
+    from pcc.compiler.calibration import CalibrationData
+    from pcc.compiler.pipeline import channel_pruning_pipeline
+    from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
+
+    model = zoo_cache.model("resnet_basic")
+    images = np.random.default_rng(0).standard_normal((8, *zoo_cache.example_input("resnet_basic").shape[1:]))
+    calibration = CalibrationData.from_arrays(model, {"x": images.astype(np.float32)})
+    pipeline = channel_pruning_pipeline(0.5, sparsify="unstructured", calibration=calibration, recalibrate_bn=True)
+    assert pipeline.index(SparsifyWeights) < pipeline.index(RecalibrateBatchNorm)

@@ -10,6 +10,9 @@ KL divergence between temperature-softened outputs, Hinton et al. 2015), or both
 Non-classifier outputs are distilled by mean squared error. BatchNorm runs in inference mode with its
 running statistics fixed, as is usual for short fine-tunes: a few hundred steps cannot re-estimate them
 and a batch's statistics would make the result depend on the fine-tuning batch size.
+
+Weights that are exactly zero stay zero (`keep_zeros`): a model from `--sparsify` is fine-tuned as a sparse
+model (masked fine-tuning), so its sparsity pattern and the speed-up it buys survive recovery.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class FineTune(ir.passes.InPlacePass):
     temperature: float = 4.0
     alpha: float = 0.5  # weight of the distillation loss when both labels and a teacher are given
     seed: int = 0
+    keep_zeros: bool = True  # weights (2-D and up) that are exactly zero stay zero: a sparsified model stays sparse
     progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -92,6 +96,7 @@ class FineTune(ir.passes.InPlacePass):
             teacher = session(ir.serde.serialize_model(self.teacher).SerializeToString())
         steps = max(1, self.epochs * self.data.num_batches)
         optimizer = torch.optim.Adam([p for _, p in student.named_weights()], lr=self.lr)
+        masks = self._nonzero_masks(student) if self.keep_zeros else []
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))))
         losses: list[float] = []
         start = time.perf_counter()
@@ -104,6 +109,9 @@ class FineTune(ir.passes.InPlacePass):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                with torch.no_grad():
+                    for parameter, mask in masks:
+                        parameter.mul_(mask)
                 schedule.step()
                 losses.append(float(loss.detach()))
         student.write_back(model)
@@ -117,6 +125,13 @@ class FineTune(ir.passes.InPlacePass):
             ),
         )
         return ir.passes.PassResult(model, modified=True)
+
+    @staticmethod
+    def _nonzero_masks(student: IRModule) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """(weight, where it is nonzero) for the weights holding exact zeros. Zeroed weights are what
+        SparsifyWeights made; Adam's momentum would refill them, so they are re-zeroed after every step.
+        Vectors are left out: a zero bias is an initial value, not a pruning decision."""
+        return [(p, (p != 0).to(p.dtype)) for _, p in student.named_weights() if p.dim() >= 2 and bool((p == 0).any())]
 
     def _loss_name(self) -> str:
         if self.teacher is None:

@@ -93,3 +93,20 @@ def test_finetune_without_labels_or_teacher_is_a_one_line_error(tmp_path, data):
     done = pcc("finetune", CNN, "--data", data / "unlabelled.npz", "-o", out)
     assert done.returncode == 2 and done.stderr.startswith("pcc: error:") and "labels" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_finetune_keeps_a_sparsified_model_sparse(tmp_path, data):
+    """Masked fine-tuning: the zeros --sparsify wrote stay exactly zero, everything else trains."""
+    sparse, tuned = tmp_path / "sparse.onnx", tmp_path / "tuned.onnx"
+    done = pcc("compile", CNN, "--sparsity", "0.7", "--sparsify", "block:16x1", "--allocator", "lamp", "-o", sparse,
+               "--repeats", "2")
+    assert done.returncode == 0, done.stderr
+    done = pcc("finetune", sparse, "--data", data / "calib.npz", "--epochs", "1", "--batch-size", "32", "-o", tuned)
+    assert done.returncode == 0, done.stderr
+    weights = lambda path: {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}  # noqa: E731
+    before, after = weights(sparse), weights(tuned)
+    matrices = [name for name, w in before.items() if w.ndim >= 2 and (w == 0).any()]
+    assert matrices
+    for name in matrices:
+        np.testing.assert_array_equal(after[name] == 0, before[name] == 0)
+    assert any(not np.array_equal(before[name], after[name]) for name in matrices)

@@ -232,6 +232,32 @@ def _transpose_macro(m: int, k: int):
     return transpose
 
 
+def _block_row_sum(accumulate, unroll: int, outer: int, inner: int, dtype: str):
+    """The reduction over one block row shared by both nests: `unroll` accumulator slots of [outer, inner]
+    (zeroed, `accumulate` over the row's blocks in turns, the remainder into slot 0, slots folded into slot
+    0). The nests differ only in the accumulator's layout and in `accumulate`."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def block_row_sum(acc, operand, data, starts, indptr, row, m0):
+        for slot in T.unroll(unroll):
+            for i in T.unroll(outer):
+                for v in T.vectorized(inner):
+                    acc[slot, i, v] = T.cast(0, dtype)
+        for q in range((indptr[row + 1] - indptr[row]) // unroll):
+            for slot in T.unroll(unroll):
+                accumulate(acc, slot, operand, data, starts, indptr[row] + q * unroll + slot, m0)
+        if unroll > 1:
+            for b in range(indptr[row + 1] - (indptr[row + 1] - indptr[row]) % unroll, indptr[row + 1]):
+                accumulate(acc, 0, operand, data, starts, b, m0)
+            for slot in T.unroll(1, unroll):
+                for i in T.unroll(outer):
+                    for v in T.vectorized(inner):
+                        acc[0, i, v] = acc[0, i, v] + acc[slot, i, v]
+
+    return block_row_sum
+
+
 def _rows_nest(m: int, k: int, n: int, block: tuple[int, int], nnz: int, dtype: str, variant: BSRVariant):
     from tvm.script import tirx as T
 
@@ -248,6 +274,8 @@ def _rows_nest(m: int, k: int, n: int, block: tuple[int, int], nnz: int, dtype: 
                 for v in T.vectorized(r):
                     acc[slot, i, v] = acc[slot, i, v] + data[b, j, v] * x[m0 + i, starts[b] + j]
 
+    block_row_sum = _block_row_sum(accumulate, unroll, tile, r, dtype)
+
     @T.prim_func
     def bsr_matmul_rows(x: T.Buffer((m, k), dtype), data: T.Buffer((nnz, c, r), dtype), starts: T.Buffer((nnz,), "int32"),
                         indptr: T.Buffer((rows + 1,), "int32"), y: T.Buffer((m, n), dtype)):
@@ -259,20 +287,7 @@ def _rows_nest(m: int, k: int, n: int, block: tuple[int, int], nnz: int, dtype: 
                     if job * group + member < rows:
                         row = job * group + member
                         acc = T.alloc_buffer((unroll, tile, r), dtype)
-                        for slot in T.unroll(unroll):
-                            for i in T.unroll(tile):
-                                for v in T.vectorized(r):
-                                    acc[slot, i, v] = T.cast(0, dtype)
-                        for q in range((indptr[row + 1] - indptr[row]) // unroll):
-                            for slot in T.unroll(unroll):
-                                accumulate(acc, slot, x, data, starts, indptr[row] + q * unroll + slot, m0)
-                        if unroll > 1:
-                            for b in range(indptr[row + 1] - (indptr[row + 1] - indptr[row]) % unroll, indptr[row + 1]):
-                                accumulate(acc, 0, x, data, starts, b, m0)
-                            for slot in T.unroll(1, unroll):
-                                for i in T.unroll(tile):
-                                    for v in T.vectorized(r):
-                                        acc[0, i, v] = acc[0, i, v] + acc[slot, i, v]
+                        block_row_sum(acc, x, data, starts, indptr, row, m0)
                         if tail == 0 or row < full_rows:
                             for i in T.unroll(tile):
                                 for v in T.vectorized(r):
@@ -304,6 +319,8 @@ def _cols_nest(m: int, k: int, n: int, block: tuple[int, int], nnz: int, dtype: 
                 for v in T.vectorized(tile):
                     acc[slot, i, v] = acc[slot, i, v] + data[b, j, i] * xt[starts[b] + j, m0 + v]
 
+    block_row_sum = _block_row_sum(accumulate, unroll, r, tile, dtype)
+
     @T.prim_func
     def bsr_matmul_cols(x: T.Buffer((m, k), dtype), data: T.Buffer((nnz, c, r), dtype), starts: T.Buffer((nnz,), "int32"),
                         indptr: T.Buffer((rows + 1,), "int32"), y: T.Buffer((m, n), dtype)):
@@ -318,20 +335,7 @@ def _cols_nest(m: int, k: int, n: int, block: tuple[int, int], nnz: int, dtype: 
                 if first + member < rows:
                     row = first + member
                     acc = T.alloc_buffer((unroll, r, tile), dtype)
-                    for slot in T.unroll(unroll):
-                        for i in T.unroll(r):
-                            for v in T.vectorized(tile):
-                                acc[slot, i, v] = T.cast(0, dtype)
-                    for q in range((indptr[row + 1] - indptr[row]) // unroll):
-                        for slot in T.unroll(unroll):
-                            accumulate(acc, slot, xt, data, starts, indptr[row] + q * unroll + slot, m0)
-                    if unroll > 1:
-                        for b in range(indptr[row + 1] - (indptr[row + 1] - indptr[row]) % unroll, indptr[row + 1]):
-                            accumulate(acc, 0, xt, data, starts, b, m0)
-                        for slot in T.unroll(1, unroll):
-                            for i in T.unroll(r):
-                                for v in T.vectorized(tile):
-                                    acc[0, i, v] = acc[0, i, v] + acc[slot, i, v]
+                    block_row_sum(acc, xt, data, starts, indptr, row, m0)
                     for i in T.unroll(r):
                         for v in T.unroll(tile):
                             stage[v, member * r + i] = acc[0, i, v]

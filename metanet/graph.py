@@ -129,16 +129,14 @@ def build_channel_graph(model: ir.Model, groups: DependencyGroups) -> ChannelGra
             kind = "weight" if in_axis is not None else "grouped_weight"
             parameters.append(rows.add_weight(name, array, out_axes[0], in_axis, out_ids, in_ids, kind, depth))
         elif vector_ids is not None and array.size == len(vector_ids):
-            axis = vector_axes[0]
-            ids = vector_ids
             source = channel_nodes + sources
             sources += 1
-            parameters.append(rows.add_vector(name, array, ids, source, _VECTOR_KIND[axes[axis]], depth))
+            parameters.append(rows.add_vector(name, array, vector_ids, source, _VECTOR_KIND[axes[vector_axes[0]]], depth))
         else:
             untouched.append(name)
     data = rows.finish(num_nodes=channel_nodes + sources)
-    data.x = _node_features(model, groups, data, channel_nodes, sources)
     unit_of_node = _units_of_nodes(groups, channel_nodes + sources)
+    data.x = _node_features(model, groups, data, channel_nodes, unit_of_node)
     return ChannelGraph(data, parameters, unit_of_node, sorted(untouched))
 
 
@@ -224,8 +222,9 @@ def _parameters_in_use_order(model: ir.Model) -> list[ir.Value]:
     return list(seen.values())
 
 
-def _node_features(model, groups, data, channel_nodes, sources) -> torch.Tensor:
-    x = torch.zeros(channel_nodes + sources, NODE_FEATURES)
+def _node_features(model, groups, data, channel_nodes, unit_of_node) -> torch.Tensor:
+    nodes = len(unit_of_node)
+    x = torch.zeros(nodes, NODE_FEATURES)
     for values, column in ((model.graph.inputs, 0), (model.graph.outputs, 1)):
         for value in values:
             for axis in range(len(value.shape or ())):
@@ -233,13 +232,13 @@ def _node_features(model, groups, data, channel_nodes, sources) -> torch.Tensor:
                 if ids is not None:
                     x[torch.from_numpy(ids), column] = 1
     x[channel_nodes:, 2] = 1
-    x[:, 3] = torch.from_numpy(prunable_nodes(_units_of_nodes(groups, channel_nodes + sources), groups).astype(np.float32))
+    x[:, 3] = torch.from_numpy(prunable_nodes(unit_of_node, groups).astype(np.float32))
     # depth: of the first weight producing the channel, else of the parameter a source node holds
     source, target = data.edge_index
     edge_depth = data.edge_attr[:, -1]
     kinds = data.edge_attr[:, 2 * EDGE_WIDTH : 2 * EDGE_WIDTH + len(EDGE_KINDS)].argmax(1)
     weights = kinds <= EDGE_KINDS.index("grouped_weight")
-    unset = torch.full((channel_nodes + sources,), 2.0)
+    unset = torch.full((nodes,), 2.0)
     produced = unset.scatter_reduce(0, target[weights], edge_depth[weights], reduce="amin")
     held = unset.scatter_reduce(0, source[~weights], edge_depth[~weights], reduce="amin")
     depth = torch.where(produced <= 1, produced, torch.where(held <= 1, held, torch.zeros(())))

@@ -52,6 +52,7 @@ class DataModel:
     module: IRModule
     prunable_nodes: torch.Tensor = field(init=False)  # channel nodes that are prunable units
     group_of_node: torch.Tensor = field(init=False)  # for each of those, its dependency group (dense index)
+    input_norm_sum: torch.Tensor = field(init=False)  # their group norms summed, for the input weights
 
     def __post_init__(self) -> None:
         self.prunable_nodes = torch.from_numpy(self.graph.prunable_node_ids(self.groups))
@@ -59,6 +60,7 @@ class DataModel:
             raise ValueError(f"data model {self.name} has no prunable channels: nothing for meta-training to sparsify")
         owner = self.groups.unit_group()[self.graph.unit_of_node[self.prunable_nodes.numpy()]]
         self.group_of_node = torch.from_numpy(np.unique(owner, return_inverse=True)[1].reshape(-1))
+        self.input_norm_sum = self.graph.node_norms(self.graph.data.weight_values)[self.prunable_nodes].sum()
         self.module.eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
@@ -75,7 +77,7 @@ class DataModel:
         high = torch.zeros(count, dtype=norms.dtype).scatter_reduce(0, self.group_of_node, current, "amax")
         rank = (current - low[self.group_of_node]) / (high - low).clamp_min(1e-12)[self.group_of_node]
         weight = 2.0 ** (strength * (1 - rank))
-        return (weight * norms).sum() / self.graph.node_norms(self.graph.data.weight_values)[self.prunable_nodes].sum()
+        return (weight * norms).sum() / self.input_norm_sum
 
     def logits(self, values: torch.Tensor, feeds: dict[str, np.ndarray]) -> torch.Tensor:
         return self.module(feeds, weights=self.graph.to_weights(values))[0]

@@ -74,3 +74,36 @@ def test_an_op_tvm_cannot_import_is_named(tmp_path, capsys):
     assert code == 2 and error.count("\n") == 1 and error.startswith("pcc: error:")
     assert "cannot import op DFT (DFT node 'spectrum')" in error
     assert not (tmp_path / "dft.so").exists()
+
+
+class _MaskedAttention(torch.nn.Module):
+    """Attention whose mask is built from the sequence length (Range) and whose heads are merged with a
+    reshape to [b, s, -1]: with symbolic axes TVM's frontend cannot import it until the shapes are fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 32)
+        self.out = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        position = torch.arange(length)
+        bias = torch.where(position[None, :] <= position[:, None], 0.0, -1e4)
+        heads = self.qkv(x).view(batch, length, 4, 8).transpose(1, 2)
+        heads = torch.softmax(heads @ heads.transpose(-1, -2) + bias, -1) @ heads
+        return self.out(heads.transpose(1, 2).reshape(batch, length, -1))
+
+
+def test_symbolic_batch_and_sequence_axes_are_fixed_before_import(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = from_torch(_MaskedAttention().eval(), (torch.randn(2, 10, 32),), dynamic_batch=True, dynamic_sequence=True)
+    assert not any(isinstance(d, int) for d in model.graph.inputs[0].shape[:2])
+    onnx.save(ir.serde.serialize_model(model), tmp_path / "attention.onnx")
+    library = tmp_path / "attention.so"
+    code = main(["compile", str(tmp_path / "attention.onnx"), "--sparsity", "0.5", "--sparsify", "block:16x1",
+                 "--target", "tvm", "-o", str(library), "--repeats", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "matches onnxruntime on the pruned ONNX" in printed
+    # the library is built for the batch and length the target was given (defaults: 1 and 128)
+    assert json.loads(library.with_suffix(".json").read_text())["inputs"][0]["shape"] == [1, 128, 32]

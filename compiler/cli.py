@@ -219,9 +219,7 @@ def _compile(args: argparse.Namespace) -> int:
     if args.ray is not None and importlib.util.find_spec("ray") is None:
         raise InvalidRequestError("--ray needs Ray: pip install 'pcc[ray]'")
     progress = sys.stderr.isatty()
-    if args.tvm_target != "llvm" and args.target != "tvm":
-        raise InvalidRequestError("--tvm-target applies to --target tvm only")
-    _check_spatten_options(args)
+    _check_target_options(args)
     if args.target == "spatten":
         return _compile_spatten(args, progress)
     options = {"tvm_target": args.tvm_target} if args.target == "tvm" else {}
@@ -285,19 +283,24 @@ def _output_path(args: argparse.Namespace, target) -> Path:
     return output
 
 
-_SPATTEN_ONLY = {"--spatten-config": "spatten_config", "--key-bits": "key_bits", "--tau": "tau",
-                 "--head-share": "head_share"}
+# options that belong to one target; given with another they are refused, not silently ignored
+_TARGET_ONLY = {
+    "spatten": {"--spatten-config": "spatten_config", "--key-bits": "key_bits", "--tau": "tau", "--head-share": "head_share"},
+    "tvm": {"--tvm-target": "tvm_target"},
+}
 # what --target spatten decides itself: cascade token + head pruning, no allocator, no channel widths
 _NOT_FOR_SPATTEN = {"--prune": "prune", "--sparsify": "sparsify", "--allocator": "allocator", "--budget": "budget",
                     "--importance": "importance", "--round-to": "round_to", "--report": "report"}
 
 
-def _check_spatten_options(args: argparse.Namespace) -> None:
-    """Options of one target given to another are refused, not silently ignored."""
+def _check_target_options(args: argparse.Namespace) -> None:
+    """Refuse options given for a target other than `--target` (and those `--target spatten` decides itself)."""
     defaults = build_parser().parse_args(["compile", "-", "--sparsity", "0"])
     changed = lambda flags: [f for f, attr in flags.items() if getattr(args, attr) != getattr(defaults, attr)]  # noqa: E731
-    if args.target != "spatten" and changed(_SPATTEN_ONLY):
-        raise InvalidRequestError(f"{', '.join(changed(_SPATTEN_ONLY))} apply to --target spatten only")
+    for target, flags in _TARGET_ONLY.items():
+        if args.target != target and (given := changed(flags)):
+            verb = "applies" if len(given) == 1 else "apply"
+            raise InvalidRequestError(f"{', '.join(given)} {verb} to --target {target} only")
     if args.target == "spatten" and changed(_NOT_FOR_SPATTEN):
         raise InvalidRequestError(
             f"{', '.join(changed(_NOT_FOR_SPATTEN))} do not apply to --target spatten: it prunes tokens and heads by "

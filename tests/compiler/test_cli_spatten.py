@@ -60,7 +60,9 @@ def test_sparsity_zero_keeps_every_token_and_head(tmp_path, encoder):
     [
         (["--target", "spatten", "--allocator", "dp"], "--allocator do not apply to --target spatten"),
         (["--target", "spatten", "--prune", "heads"], "--prune do not apply to --target spatten"),
-        (["--tau", "0.2"], "--tau apply to --target spatten only"),
+        (["--tau", "0.2"], "--tau applies to --target spatten only"),
+        (["--tau", "0.2", "--head-share", "0.3"], "--tau, --head-share apply to --target spatten only"),
+        (["--target", "spatten", "--tvm-target", "c"], "--tvm-target applies to --target tvm only"),
         (["--target", "spatten", "--key-bits", "8x"], "--key-bits: expected MSB+LSB bit counts"),
         (["--target", "spatten", "--key-bits", "8+0"], "lsb_bits >= 1"),
         (["--target", "spatten", "--head-share", "1.5"], "heads' share of the sparsity must be in [0, 1)"),

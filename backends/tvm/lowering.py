@@ -109,7 +109,7 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
     from pcc.backends.tvm.batch_matmul import batch_matmul_primfunc
     from pcc.backends.tvm.bsr import best_bsr_variant, bsr_kernel_arrays, bsr_matmul_primfunc, to_bsr
     from pcc.backends.tvm.dense import best_dense_variant, dense_matmul_primfunc, pack_dense_weight
-    from pcc.backends.tvm.schedule import SCHEDULED, cpu_pipeline
+    from pcc.backends.tvm.schedule import SCHEDULED, cpu_pipeline, mutate_relax_functions
 
     module = import_relax(model, input_shapes)
     layers: list[LayerKernel] = []
@@ -178,14 +178,8 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
             activation_matmuls.append((batch, m, k, n))
             return relax.op.reshape(out, (*outer, m, n))
 
-        def run(self):
-            for global_var, function in self.mod_.functions_items():
-                if isinstance(function, relax.Function):
-                    self.builder_.update_func(global_var, self.visit_expr(function))
-            return self.builder_.get()
-
     use_all_cores()
-    module = _SubstituteMatmuls(module).run()
+    module = mutate_relax_functions(_SubstituteMatmuls(module))
     executable = tvm.compile(module, target=target, relax_pipeline=cpu_pipeline(tvm.target.Target(target)))
     return Lowered(executable, layers, activation_matmuls)
 

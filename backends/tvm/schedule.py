@@ -14,7 +14,7 @@ scheduled, so no rule touches them.
 
 from __future__ import annotations
 
-__all__ = ["SCHEDULED", "cpu_pipeline", "fast_gelu", "parallel_spatial_loops"]
+__all__ = ["SCHEDULED", "cpu_pipeline", "fast_gelu", "mutate_relax_functions", "parallel_spatial_loops"]
 
 SCHEDULED = "tirx.is_scheduled"  # the attribute dlight reads: a function it must not re-schedule
 _VECTOR = 16  # float32 lanes of an AVX-512 register
@@ -52,12 +52,23 @@ def parallel_spatial_loops():
     return ParallelSpatialLoops()
 
 
+def mutate_relax_functions(mutator):
+    """The module of a `PyExprMutator` (built on it) with each of its Relax functions visited and replaced:
+    the loop every Relax-level rewrite here shares (the PrimFuncs are left as they are)."""
+    from tvm import relax
+
+    for global_var, function in mutator.mod_.functions_items():
+        if isinstance(function, relax.Function):
+            mutator.builder_.update_func(global_var, mutator.visit_expr(function))
+    return mutator.builder_.get()
+
+
 def fast_gelu():
     """A Relax pass: exact GELU, x/2 (1 + erf(x/sqrt 2)), with TOPI's vectorisable `fast_erf` (a rational
     approximation) instead of the libm call TVM makes per element, which cost 0.6 ms per FFN layer of a
     BERT-base-shaped encoder at 128 tokens, more than its sparse matmuls."""
     import tvm
-    from tvm import relax, topi
+    from tvm import topi
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     def gelu(x):
@@ -65,6 +76,10 @@ def fast_gelu():
 
     @mutator
     class _FastGelu(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.mod_ = mod
+
         def visit_call_(self, call):
             call = self.visit_expr_post_order(call)
             if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.gelu":
@@ -73,11 +88,7 @@ def fast_gelu():
 
     @tvm.transform.module_pass(opt_level=0, name="FastGelu")
     def rewrite(mod, _ctx):
-        mutator_ = _FastGelu(mod)
-        for global_var, function in mod.functions_items():
-            if isinstance(function, relax.Function):
-                mutator_.builder_.update_func(global_var, mutator_.visit_expr(function))
-        return mutator_.builder_.get()
+        return mutate_relax_functions(_FastGelu(mod))
 
     return rewrite
 

@@ -13,6 +13,9 @@
    density threshold: where the crossover lies depends on the
    shape, the block and the CPU. Why dense gets our kernel too: TVM 0.27's default CPU lowering leaves
    matmuls unscheduled (see shared/TVM.md: ~100x slower than onnxruntime), so it is no baseline.
+   Every NCHW conv2d (groups 1) with a constant weight becomes im2col (`im2col.py`) and the same choice
+   of kernels: TVM's own conv2d is as unscheduled (Fashion-MNIST CNN, batch 16: 432 ms with it, 11 ms
+   with im2col; onnxruntime 4.3 ms). Grouped/depthwise convolutions stay on TVM's conv2d.
 3. Build: `tvm.compile` with TVM's default Relax pipeline for everything else (element-wise ops, norms,
    softmax: legalised TOPI compute, fused, no tuning), plus CPU schedules for those fused functions
    (`schedule.py`: dlight's CPU rules, then parallel spatial loops).
@@ -37,8 +40,9 @@ COST_CACHE = Path.home() / ".cache" / "pcc" / "tvm_kernel_costs.json"
 
 @dataclass
 class LayerKernel:
-    """What one constant-weight matmul became, and the measurements that chose it."""
+    """What one constant-weight matmul (or convolution, as im2col x weight) became, and the measurements that chose it."""
 
+    op: str  # matmul | conv
     m: int
     k: int
     n: int
@@ -109,19 +113,20 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
     from pcc.backends.tvm.batch_matmul import batch_matmul_primfunc
     from pcc.backends.tvm.bsr import best_bsr_variant, bsr_kernel_arrays, bsr_matmul_primfunc, to_bsr
     from pcc.backends.tvm.dense import best_dense_variant, dense_matmul_primfunc, pack_dense_weight
+    from pcc.backends.tvm.im2col import im2col
     from pcc.backends.tvm.schedule import SCHEDULED, cpu_pipeline, mutate_relax_functions
 
     module = import_relax(model, input_shapes)
     layers: list[LayerKernel] = []
     activation_matmuls: list[tuple[int, int, int, int]] = []
 
-    def choose(m: int, weight: np.ndarray):
+    def choose(m: int, weight: np.ndarray, op: str):
         """(prim_func, constant arguments) of the faster kernel for x[m, k] @ weight[k, n], each kernel's
         best variant timed on this machine (cached in `cost_cache`)."""
         k, n = weight.shape
         dense_variant, dense_ms = best_dense_variant(m, k, n, target, cache=cost_cache)
         matrix = to_bsr(weight, block) if sparse and block[1] <= k else None
-        choice = LayerKernel(m, k, n, matrix.density if matrix else 1.0, block, "dense", None, dense_ms)
+        choice = LayerKernel(op, m, k, n, matrix.density if matrix else 1.0, block, "dense", None, dense_ms)
         layers.append(choice)
         if matrix is not None and matrix.density < 1:
             variant, choice.bsr_ms = best_bsr_variant(m, matrix, target, cache=cost_cache)
@@ -139,7 +144,11 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
 
         def visit_call_(self, call):
             call = self.visit_expr_post_order(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul"):
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            if call.op.name == "relax.nn.conv2d":
+                return self.conv_as_matmul(call)
+            if call.op.name != "relax.matmul":
                 return call
             x, weight = call.args
             if not isinstance(weight, tvm.ir.expr.Constant):
@@ -147,18 +156,44 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
             if len(weight.ty.shape) != 2:
                 return call
             shape = [int(d) for d in x.ty.shape]
-            array = weight.value.numpy().astype(np.float32)
             m = int(np.prod(shape[:-1]))
-            kernel, constants = choose(m, array)
+            flat = self.builder_.emit(relax.op.reshape(x, (m, shape[-1]))) if len(shape) != 2 else x
+            out = self.constant_matmul(flat, weight.value.numpy().astype(np.float32), "matmul")
+            return relax.op.reshape(out, (*shape[:-1], out.ty.shape[1])) if len(shape) != 2 else out
+
+        def constant_matmul(self, x, weight: np.ndarray, op: str):
+            """x[m, k] @ weight[k, n] as a call to the kernel `choose` picks for it."""
+            m = int(x.ty.shape[0])
+            kernel, constants = choose(m, weight, op)
             self.count += 1
             name = f"pcc_matmul_{self.count}"
             function = self.builder_.add_func(kernel.with_attr("global_symbol", name).with_attr(SCHEDULED, True), name)
-            flat = self.builder_.emit(relax.op.reshape(x, (m, shape[-1]))) if len(shape) != 2 else x
-            n = array.shape[1]
-            out = self.builder_.emit(
-                relax.call_tir(function, [flat, *(relax.const(c) for c in constants)], relax.TensorType((m, n), "float32"))
-            )
-            return relax.op.reshape(out, (*shape[:-1], n)) if len(shape) != 2 else out
+            return self.builder_.emit(relax.call_tir(function, [x, *(relax.const(c) for c in constants)],
+                                                     relax.TensorType((m, weight.shape[1]), "float32")))
+
+        def conv_as_matmul(self, call):
+            """A float32 NCHW conv2d (groups 1) with a constant weight, as im2col then `constant_matmul`: the
+            patches [N*OH*OW, KH*KW*C] (a TE compute under the CPU schedules; for a 1x1 conv, a transpose)
+            times the weight as [KH*KW*C, O], back to NCHW. TVM's own conv2d on CPU is TOPI's compute without
+            a schedule; this puts convolutions on the same measured BSR/dense kernels as the matmuls."""
+            x, weight = call.args
+            attrs = call.attrs
+            if (not isinstance(weight, tvm.ir.expr.Constant) or attrs.groups != 1 or str(x.ty.dtype) != "float32"
+                    or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW")
+                    or not all(isinstance(d, tvm.tirx.IntImm) for d in x.ty.shape)):
+                return call
+            array = weight.value.numpy().astype(np.float32)
+            out_channels, channels, kh, kw = array.shape
+            batch, _, out_h, out_w = (int(d) for d in call.ty.shape)
+            patches = self.builder_.emit(self.builder_.call_te(
+                im2col, x, kernel=(kh, kw), strides=tuple(int(v) for v in attrs.strides),
+                padding=tuple(int(v) for v in attrs.padding), dilation=tuple(int(v) for v in attrs.dilation),
+                out_size=(out_h, out_w),
+            ))
+            columns = array.transpose(2, 3, 1, 0).reshape(kh * kw * channels, out_channels)  # (kh, kw, c) x O
+            out = self.constant_matmul(patches, np.ascontiguousarray(columns), "conv")
+            image = self.builder_.emit(relax.op.reshape(out, (batch, out_h, out_w, out_channels)))
+            return relax.op.permute_dims(image, (0, 3, 1, 2))
 
         def activation_matmul(self, call, a, b):
             """a[..., m, k] @ b[..., k, n] with the same static batch axes, float32: `batch_matmul_primfunc`."""

@@ -10,7 +10,8 @@ training images (Adam 1e-3, cosine), and BatchNorm re-estimated on 512 calibrati
 - `dp`: group-L2, the rate-distortion DP allocator (sensitivity measured on the calibration images).
 - `metanet`: the shipped metanetwork rewrites the weights, half the fine-tune budget, prune with the
   transformed norms ranked globally (`--allocator metanet`'s allocation), the other half.
-- `metanet_uniform`: the same, with the uniform allocator: the transform in front of the normal pipeline.
+- `metanet_uniform`, `metanet_dp`: the same with the uniform or the DP allocator instead of the global
+  ranking: the transform in front of the normal pipeline, against `uniform` and `dp` without it.
 
 Speed-up is the MAC reduction (dense MACs / pruned MACs, the budget each pipeline meets). Accuracy is top-1
 on the 10,000 test images. Writes results.json, report.md and acc_vs_speedup.png to --out.
@@ -46,7 +47,9 @@ from pcc.passes.transforms import FineTune  # noqa: E402
 
 HELD_OUT = [*((family, index) for family in metanet_fashion.TRAIN_FAMILIES for index in metanet_fashion.HELD_OUT),
             ("branchy", 0), ("branchy", 1)]
-METHODS = ("uniform", "global", "dp", "metanet", "metanet_uniform")
+METHODS = ("uniform", "global", "dp", "metanet", "metanet_uniform", "metanet_dp")
+# each metanet method and the allocator it prunes the transformed network with; its plain counterpart
+METANET_ALLOCATOR = {"metanet": "global", "metanet_uniform": "uniform", "metanet_dp": "dp"}
 FINETUNE_IMAGES = 4096
 FINETUNE_EPOCHS = 2
 
@@ -93,7 +96,7 @@ class Bench:
             extra["metanet"] = transformed.get(MetanetReport).summary()
             extra["transformed_accuracy"] = accuracy(transformed.model, test)
             tuned = Pipeline([FineTune(train, epochs=FINETUNE_EPOCHS // 2)]).run(transformed.model).model
-            pruned, reached = self.prune(tuned, sparsity, "uniform" if method == "metanet_uniform" else "global", calib)
+            pruned, reached = self.prune(tuned, sparsity, METANET_ALLOCATOR[method], calib)
             epochs = FINETUNE_EPOCHS - FINETUNE_EPOCHS // 2
         else:
             pruned, reached = self.prune(copy(dense), sparsity, method, calib)
@@ -114,7 +117,7 @@ def plot(rows: list[dict], out: Path) -> Path:
     families = sorted({r["family"] for r in rows})
     figure, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 3.6), squeeze=False)
     for axis, family in zip(axes[0], families):
-        for method in METHODS:
+        for method in dict.fromkeys(r["method"] for r in rows):
             points = sorted({r["speedup_target"] for r in rows})
             mean_acc = [np.mean([r["accuracy"] for r in rows if r["family"] == family and r["method"] == method
                                  and r["speedup_target"] == s]) for s in points]
@@ -133,22 +136,24 @@ def plot(rows: list[dict], out: Path) -> Path:
 
 
 def report(rows: list[dict], out: Path) -> str:
-    lines = ["| model | speed-up | dense | " + " | ".join(METHODS) + " |", "| --- " * (3 + len(METHODS)) + "|"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    pairs = [(m, METANET_ALLOCATOR[m]) for m in methods if m in METANET_ALLOCATOR and METANET_ALLOCATOR[m] in methods]
+    lines = ["| model | speed-up | dense | " + " | ".join(methods) + " |", "| --- " * (3 + len(methods)) + "|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         for target in sorted({r["speedup_target"] for r in rows}):
             cell = {r["method"]: r for r in rows if r["model"] == model and r["speedup_target"] == target}
             dense = next(iter(cell.values()))["dense_accuracy"]
             lines.append(f"| {model} | {target:g}x | {100 * dense:.2f} | "
-                         + " | ".join(f"{100 * cell[m]['accuracy']:.2f}" for m in METHODS) + " |")
+                         + " | ".join(f"{100 * cell[m]['accuracy']:.2f}" for m in methods) + " |")
     lines += ["", "Mean over held-out models (test top-1 %):", "",
-              "| family | speed-up | " + " | ".join(METHODS) + " | metanet - global | metanet_uniform - uniform |",
-              "| --- " * (4 + len(METHODS)) + "|"]
+              "| family | speed-up | " + " | ".join(methods) + "".join(f" | {m} - {b}" for m, b in pairs) + " |",
+              "| --- " * (2 + len(methods) + len(pairs)) + "|"]
     for family in ["all", *sorted({r["family"] for r in rows})]:
         for target in sorted({r["speedup_target"] for r in rows}):
             chosen = [r for r in rows if r["speedup_target"] == target and family in ("all", r["family"])]
-            mean = {m: 100 * np.mean([r["accuracy"] for r in chosen if r["method"] == m]) for m in METHODS}
-            lines.append(f"| {family} | {target:g}x | " + " | ".join(f"{mean[m]:.2f}" for m in METHODS)
-                         + f" | {mean['metanet'] - mean['global']:+.2f} | {mean['metanet_uniform'] - mean['uniform']:+.2f} |")
+            mean = {m: 100 * np.mean([r["accuracy"] for r in chosen if r["method"] == m]) for m in methods}
+            lines.append(f"| {family} | {target:g}x | " + " | ".join(f"{mean[m]:.2f}" for m in methods)
+                         + "".join(f" | {mean[m] - mean[b]:+.2f}" for m, b in pairs) + " |")
     text = "\n".join(lines)
     (out / "report.md").write_text("# Metanetwork benchmark\n\n" + text + "\n")
     return text
@@ -160,6 +165,7 @@ def main() -> None:
     parser.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     parser.add_argument("--models", type=int, default=len(HELD_OUT), help="the first N held-out models")
     parser.add_argument("--weights", type=Path, help="metanetwork weights (default: the shipped ones)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -167,7 +173,7 @@ def main() -> None:
     bench, rows = Bench(args.weights), []
     for family, index in HELD_OUT[: args.models]:
         for speedup in args.speedups:
-            for method in METHODS:
+            for method in args.methods:
                 row = bench.run(family, index, speedup, method)
                 rows.append(row)
                 transformed = f", transformed {100 * row['transformed_accuracy']:.2f}%" if "transformed_accuracy" in row else ""

@@ -175,7 +175,9 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
             """A float32 NCHW conv2d (groups 1) with a constant weight, as im2col then `constant_matmul`: the
             patches [N*OH*OW, KH*KW*C] (a TE compute under the CPU schedules; for a 1x1 conv, a transpose)
             times the weight as [KH*KW*C, O], back to NCHW. TVM's own conv2d on CPU is TOPI's compute without
-            a schedule; this puts convolutions on the same measured BSR/dense kernels as the matmuls."""
+            a schedule; this puts convolutions on the same measured BSR/dense kernels as the matmuls.
+            SparsifyWeights orders a conv's reduction (c, kh, kw): blocks one column wide (16x1) stay whole
+            in the (kh, kw, c) order here, wider ones spread over several BSR blocks (correct, less sparse)."""
             x, weight = call.args
             attrs = call.attrs
             if (not isinstance(weight, tvm.ir.expr.Constant) or attrs.groups != 1 or str(x.ty.dtype) != "float32"

@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--distill", action="store_true", help="keep each data model's outputs instead of its labels")
+    parser.add_argument("--prune-aware", type=float, default=0.0, metavar="BETA",
+                        help="weight of the task loss of a pruned copy (metanet/train.py)")
     parser.add_argument("--out", type=Path, default=SHIPPED_WEIGHTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -61,13 +63,13 @@ def main() -> None:
     metanet = Metanetwork(MetanetworkConfig(hidden=args.hidden, layers=args.layers))
     before = {m.name: group_norm_sparsity(m.graph, m.groups, m.graph.data.weight_values) for m in data_models}
     log = meta_train(metanet, data_models, batches, steps=args.steps, alpha=args.alpha, distill=args.distill,
-                     progress=True)
+                     prune_aware=args.prune_aware, progress=True)
     print(log.summary())
     for m in data_models:
         print(f"  {m.name}: group-norm sparsity (Hoyer) {before[m.name]:.3f} -> "
               f"{group_norm_sparsity(m.graph, m.groups, metanet(m.graph.data)):.3f}")
     save_metanetwork(metanet, args.out, data_models=[m.name for m in data_models], steps=args.steps, alpha=args.alpha,
-                     distill=args.distill,
+                     distill=args.distill, prune_aware=args.prune_aware,
                      seconds=round(log.seconds), task_loss=[log.window(log.task_loss, False), log.window(log.task_loss, True)],
                      sparsity_loss=[log.window(log.sparsity_loss, False), log.window(log.sparsity_loss, True)])
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KB, {metanet.num_parameters} parameters)")

@@ -39,6 +39,7 @@ __all__ = ["DataModel", "MetaTrainLog", "group_norm_sparsity", "meta_train", "pr
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]  # (feeds, labels)
 STRENGTH = 4.0  # DepGraph's importance-dependent penalty: the weakest unit of a group weighs 2^4 the strongest
+PRUNE_RATIOS = (0.2, 0.6)  # the prune-aware loss's pruned copy loses a fraction drawn from this range per step
 
 
 @dataclass
@@ -53,6 +54,7 @@ class DataModel:
     prunable_nodes: torch.Tensor = field(init=False)  # channel nodes that are prunable units
     group_of_node: torch.Tensor = field(init=False)  # for each of those, its dependency group (dense index)
     input_norm_sum: torch.Tensor = field(init=False)  # their group norms summed, for the input weights
+    group_members: list[torch.Tensor] = field(init=False)  # per group, its positions in `prunable_nodes`
 
     def __post_init__(self) -> None:
         self.prunable_nodes = torch.from_numpy(self.graph.prunable_node_ids(self.groups))
@@ -61,6 +63,7 @@ class DataModel:
         owner = self.groups.unit_group()[self.graph.unit_of_node[self.prunable_nodes.numpy()]]
         self.group_of_node = torch.from_numpy(np.unique(owner, return_inverse=True)[1].reshape(-1))
         self.input_norm_sum = self.graph.node_norms(self.graph.data.weight_values)[self.prunable_nodes].sum()
+        self.group_members = [torch.nonzero(self.group_of_node == g).flatten() for g in range(int(self.group_of_node.max()) + 1)]
         self.module.eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
@@ -78,6 +81,17 @@ class DataModel:
         rank = (current - low[self.group_of_node]) / (high - low).clamp_min(1e-12)[self.group_of_node]
         weight = 2.0 ** (strength * (1 - rank))
         return (weight * norms).sum() / self.input_norm_sum
+
+    def without_weakest(self, values: torch.Tensor, ratio: float) -> torch.Tensor:
+        """`values` with every edge leaving the `ratio` weakest units of each prunable group (by group norm,
+        detached) zeroed: no later layer reads those channels, which is what group-L2 pruning with a uniform
+        allocator would do to the network. Differentiable in the values that stay."""
+        norms = self.graph.node_norms(values)[self.prunable_nodes].detach()
+        drop = torch.zeros(len(norms), dtype=torch.bool)
+        for members in self.group_members:
+            drop[members[norms[members].argsort()[: int(ratio * len(members))]]] = True
+        reads_dropped = torch.isin(self.graph.data.edge_index[0], self.prunable_nodes[drop])
+        return values * (~reads_dropped).unsqueeze(1)
 
     def logits(self, values: torch.Tensor, feeds: dict[str, np.ndarray]) -> torch.Tensor:
         return self.module(feeds, weights=self.graph.to_weights(values))[0]
@@ -98,6 +112,7 @@ class MetaTrainLog:
     seconds: float
     task_loss: list[float]  # per step
     sparsity_loss: list[float]  # per step, the weighted relative group lasso
+    pruned_task_loss: list[float] = field(default_factory=list)  # per step, with `prune_aware`
 
     def window(self, losses: Sequence[float], last: bool) -> float:
         """Mean over the first or last tenth of the steps."""
@@ -105,10 +120,13 @@ class MetaTrainLog:
         return float(np.mean(losses[-count:] if last else losses[:count]))
 
     def summary(self) -> str:
-        task, sparse = self.task_loss, self.sparsity_loss
-        return (f"meta-training: {self.steps} steps, alpha {self.alpha:g}, task loss {self.window(task, False):.4f} -> "
+        task, sparse, pruned = self.task_loss, self.sparsity_loss, self.pruned_task_loss
+        text = (f"meta-training: {self.steps} steps, alpha {self.alpha:g}, task loss {self.window(task, False):.4f} -> "
                 f"{self.window(task, True):.4f}, sparsity loss {self.window(sparse, False):.3f} -> "
-                f"{self.window(sparse, True):.3f} ({self.seconds:.0f} s)")
+                f"{self.window(sparse, True):.3f}")
+        if pruned:
+            text += f", pruned-copy task loss {self.window(pruned, False):.4f} -> {self.window(pruned, True):.4f}"
+        return text + f" ({self.seconds:.0f} s)"
 
 
 def meta_train(
@@ -120,20 +138,24 @@ def meta_train(
     alpha: float = 1.0,
     lr: float = 1e-3,
     distill: bool = False,
+    prune_aware: float = 0.0,
     seed: int = 0,
     progress: bool = False,
 ) -> MetaTrainLog:
     """Train `metanet` in place for `steps` steps, each on one data model (round robin in a shuffled order)
     and one batch from `batches(data_model, rng)`. Adam with a cosine-decayed learning rate. `distill`: the
     task loss is the KL divergence from the input network's own outputs instead of cross-entropy on the
-    labels, which asks the transform to keep the function rather than merely the task."""
+    labels, which asks the transform to keep the function rather than merely the task. `prune_aware` > 0
+    adds that weight times the task loss of a pruned copy (`DataModel.without_weakest`, a fraction drawn
+    from `PRUNE_RATIOS`): the sparsity loss only makes the weak units weak, this asks the strong ones to
+    carry the task without them, the state the network is pruned and fine-tuned from."""
     if not data_models:
         raise ValueError("meta-training needs at least one data model")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(metanet.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    task_losses, sparsity_losses = [], []
+    task_losses, sparsity_losses, pruned_task_losses = [], [], []
     start = time.perf_counter()
     order = []
     metanet.train()
@@ -143,15 +165,18 @@ def meta_train(
         data_model = data_models[order.pop()]
         feeds, labels = batches(data_model, rng)
         values = metanet(data_model.graph.data)
-        logits = data_model.logits(values, feeds)
+        reference = None
         if distill:
             with torch.no_grad():
-                reference = data_model.logits(data_model.graph.data.weight_values, feeds)
-            task = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean")
-        else:
-            task = F.cross_entropy(logits, torch.from_numpy(labels))
+                reference = F.log_softmax(data_model.logits(data_model.graph.data.weight_values, feeds), 1)
+        task = _task_loss(data_model.logits(values, feeds), labels, reference)
         sparsity = data_model.group_lasso(values)
         loss = task + alpha * sparsity
+        if prune_aware:
+            pruned_values = data_model.without_weakest(values, rng.uniform(*PRUNE_RATIOS))
+            pruned = _task_loss(data_model.logits(pruned_values, feeds), labels, reference)
+            loss = loss + prune_aware * pruned
+            pruned_task_losses.append(pruned.item())
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(metanet.parameters(), 1.0)
@@ -160,7 +185,14 @@ def meta_train(
         task_losses.append(task.item())
         sparsity_losses.append(sparsity.item())
     metanet.eval()
-    return MetaTrainLog(steps, alpha, time.perf_counter() - start, task_losses, sparsity_losses)
+    return MetaTrainLog(steps, alpha, time.perf_counter() - start, task_losses, sparsity_losses, pruned_task_losses)
+
+
+def _task_loss(logits: torch.Tensor, labels: np.ndarray, reference: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy on the labels, or the KL divergence from `reference` (the input network's log-probabilities)."""
+    if reference is not None:
+        return F.kl_div(F.log_softmax(logits, 1), reference, log_target=True, reduction="batchmean")
+    return F.cross_entropy(logits, torch.from_numpy(labels))
 
 
 def group_norm_sparsity(graph: ChannelGraph, groups: DependencyGroups, values: torch.Tensor) -> float:

@@ -116,6 +116,37 @@ def test_group_norm_sparsity_measures_how_few_units_hold_the_norm(data_models):
         assert group_norm_sparsity(m.graph, m.groups, sparse) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_the_pruned_copy_is_the_network_without_each_layers_weakest_channels():
+    """Zeroing the edges that leave the weakest half of each group equals masking those channels' outputs
+    in the torch network, the weakest ranked by DepGraph's group norm written out by hand here."""
+    net = _tiny_cnn((4, 8), seed=3)
+    data_model = prepare(_export(net), "cnn")
+    values = data_model.graph.data.weight_values
+    assert torch.equal(data_model.without_weakest(values, 0.0), values)
+    conv1, bn1, conv2, bn2, linear = net[0], net[1], net[3], net[4], net[-1]
+    squares = lambda t, axis: (t.detach() ** 2).sum(dim=[d for d in range(t.dim()) if d != axis])  # noqa: E731
+    norms = [
+        squares(conv1.weight, 0) + bn1.weight.detach() ** 2 + bn1.bias.detach() ** 2 + squares(conv2.weight, 1),
+        squares(conv2.weight, 0) + bn2.weight.detach() ** 2 + bn2.bias.detach() ** 2 + squares(linear.weight, 1),
+    ]
+    masks = [torch.ones_like(n).index_fill(0, n.argsort()[: len(n) // 2], 0.0) for n in norms]
+    net[2].register_forward_hook(lambda _m, _i, out: out * masks[0][:, None, None])
+    net[5].register_forward_hook(lambda _m, _i, out: out * masks[1][:, None, None])
+    images = np.random.default_rng(0).standard_normal((BATCH, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(images))
+        got = data_model.logits(data_model.without_weakest(values, 0.5), {"x": images})
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prune_aware_meta_training_lowers_the_pruned_copys_loss(data_models):
+    torch.manual_seed(0)
+    metanet = Metanetwork(MetanetworkConfig(hidden=16, layers=2))
+    log = meta_train(metanet, data_models, _own_labels, steps=200, alpha=0.1, lr=3e-3, prune_aware=1.0, seed=0)
+    assert len(log.pruned_task_loss) == 200 and "pruned-copy task loss" in log.summary()
+    assert log.window(log.pruned_task_loss, last=True) < 0.7 * log.window(log.pruned_task_loss, last=False)
+
+
 def test_meta_training_needs_a_data_model():
     with pytest.raises(ValueError, match="at least one data model"):
         meta_train(Metanetwork(), [], _own_labels, steps=1)

@@ -8,8 +8,11 @@ training images (Adam 1e-3, cosine), and BatchNorm re-estimated on 512 calibrati
 - `uniform`: group-L2 importance, uniform allocator, prune, fine-tune.
 - `global`: group-L2, one global ranking (group-mean normalised), prune, fine-tune.
 - `dp`: group-L2, the rate-distortion DP allocator (sensitivity measured on the calibration images).
-- `metanet`: the shipped metanetwork rewrites the weights, half the fine-tune budget, prune with the
-  transformed norms ranked globally (`--allocator metanet`'s allocation), the other half.
+- `metanet`: the shipped metanetwork rewrites the weights, prune with the transformed norms ranked
+  globally (`--allocator metanet`'s allocation), fine-tune. `--epochs-before-pruning 1` spends one of
+  the epochs between the transform and pruning instead (the paper's order); with the same budget that
+  measured worse (3x, mean of 8 held-out models: 70.42 vs 74.52 with the uniform allocator, 76.19 vs
+  77.58 with DP), the transform's own loss (1-5 points) being recovered by the one fine-tune after pruning.
 - `metanet_uniform`, `metanet_dp`: the same with the uniform or the DP allocator instead of the global
   ranking: the transform in front of the normal pipeline, against `uniform` and `dp` without it.
 
@@ -63,8 +66,9 @@ def accuracy(model: ir.Model, test: CalibrationData) -> float:
 
 
 class Bench:
-    def __init__(self, weights: Path | None = None) -> None:
+    def __init__(self, weights: Path | None = None, epochs_before_pruning: int = 0) -> None:
         self.weights = weights  # the metanetwork's (default: the shipped one)
+        self.epochs_before_pruning = epochs_before_pruning  # of the metanet methods' fine-tune budget
         images, labels = fashion_mnist.load("train")
         pick = np.random.default_rng(7).choice(len(images), FINETUNE_IMAGES, replace=False)
         self.train_arrays = ({fashion_mnist.INPUT_NAME: images[pick]}, labels[pick])
@@ -95,9 +99,11 @@ class Bench:
             transformed = Pipeline([*preparation_passes(), BuildDependencyGroups(), MetanetTransform(self.weights)]).run(copy(dense))
             extra["metanet"] = transformed.get(MetanetReport).summary()
             extra["transformed_accuracy"] = accuracy(transformed.model, test)
-            tuned = Pipeline([FineTune(train, epochs=FINETUNE_EPOCHS // 2)]).run(transformed.model).model
+            tuned = transformed.model
+            if self.epochs_before_pruning:
+                tuned = Pipeline([FineTune(train, epochs=self.epochs_before_pruning)]).run(tuned).model
             pruned, reached = self.prune(tuned, sparsity, METANET_ALLOCATOR[method], calib)
-            epochs = FINETUNE_EPOCHS - FINETUNE_EPOCHS // 2
+            epochs = FINETUNE_EPOCHS - self.epochs_before_pruning
         else:
             pruned, reached = self.prune(copy(dense), sparsity, method, calib)
             epochs = FINETUNE_EPOCHS
@@ -166,11 +172,13 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=len(HELD_OUT), help="the first N held-out models")
     parser.add_argument("--weights", type=Path, help="metanetwork weights (default: the shipped ones)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--epochs-before-pruning", type=int, choices=range(FINETUNE_EPOCHS + 1), default=0,
+                        help="of the metanet methods' fine-tune epochs, how many run between the transform and pruning")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
-    bench, rows = Bench(args.weights), []
+    bench, rows = Bench(args.weights, args.epochs_before_pruning), []
     for family, index in HELD_OUT[: args.models]:
         for speedup in args.speedups:
             for method in args.methods:

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 
 from pcc.compiler.cli import main
 from pcc.compiler.frontend import from_torch
+from tests.backends.tvm import compile_block_sparse
 
 tvm = pytest.importorskip("tvm")
 
@@ -98,12 +99,7 @@ def test_symbolic_batch_and_sequence_axes_are_fixed_before_import(tmp_path, caps
     torch.manual_seed(0)
     model = from_torch(_MaskedAttention().eval(), (torch.randn(2, 10, 32),), dynamic_batch=True, dynamic_sequence=True)
     assert not any(isinstance(d, int) for d in model.graph.inputs[0].shape[:2])
-    onnx.save(ir.serde.serialize_model(model), tmp_path / "attention.onnx")
     library = tmp_path / "attention.so"
-    code = main(["compile", str(tmp_path / "attention.onnx"), "--sparsity", "0.5", "--sparsify", "block:16x1",
-                 "--target", "tvm", "-o", str(library), "--repeats", "2"])
-    printed = capsys.readouterr().out
-    assert code == 0, printed
-    assert "matches onnxruntime on the pruned ONNX" in printed
+    compile_block_sparse(model, library, 0.5, capsys)
     # the library is built for the batch and length the target was given (defaults: 1 and 128)
     assert json.loads(library.with_suffix(".json").read_text())["inputs"][0]["shape"] == [1, 128, 32]

@@ -1,7 +1,8 @@
 """The `pcc` command line (see shared/CLI.md for the contract).
 
     pcc compile MODEL --sparsity S [--target onnx|tvm|spatten] [-o OUT] [--importance CRITERION]
-                [--allocator uniform|global|lamp|dp|metanet] [--budget params|macs|latency] [--calib FILE|DIR]
+                [--allocator uniform|global|lamp|dp|metanet] [--metanet] [--budget params|macs|latency]
+                [--calib FILE|DIR]
                 [--workers N] [--ray [ADDRESS]] [--round-to N] [--no-bn-recalibration] [--report DIR]
                 [--verbose] ...
     pcc compile MODEL --sparsity S --target spatten [-o DIR] [--calib FILE] [--spatten-config full|eighth]
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocator", default="uniform", choices=ALLOCATOR_NAMES,
         help="how the budget is split; metanet rewrites the weights with the shipped metanetwork first, then ranks "
         "its group norms globally",
+    )
+    compile_.add_argument(
+        "--metanet", action="store_true",
+        help="rewrite the weights with the shipped metanetwork before scoring and allocating, with any allocator "
+        "(on held-out Fashion-MNIST CNNs, best with --allocator dp)",
     )
     compile_.add_argument(
         "--budget", default="params", choices=BUDGETS,
@@ -254,6 +260,7 @@ def _compile(args: argparse.Namespace) -> int:
         recalibrate_bn=recalibrate_bn,
         prune=args.prune,
         sparsify=args.sparsify,
+        metanet=args.metanet,
         progress=progress,
     )
     result = pipeline.run(model, progress=progress)
@@ -289,8 +296,8 @@ _TARGET_ONLY = {
     "tvm": {"--tvm-target": "tvm_target"},
 }
 # what --target spatten decides itself: cascade token + head pruning, no allocator, no channel widths
-_NOT_FOR_SPATTEN = {"--prune": "prune", "--sparsify": "sparsify", "--allocator": "allocator", "--budget": "budget",
-                    "--importance": "importance", "--round-to": "round_to", "--report": "report"}
+_NOT_FOR_SPATTEN = {"--prune": "prune", "--sparsify": "sparsify", "--allocator": "allocator", "--metanet": "metanet",
+                    "--budget": "budget", "--importance": "importance", "--round-to": "round_to", "--report": "report"}
 
 
 def _check_target_options(args: argparse.Namespace) -> None:

@@ -195,6 +195,7 @@ def channel_pruning_pipeline(
     recalibrate_bn: bool = False,
     prune: tuple[str, ...] = ("channels",),
     sparsify: str | None = None,
+    metanet: bool = False,
     progress: bool = False,
 ) -> Pipeline:
     """The default `pcc compile` pipeline: prepare, group, score, [measure], allocate, prune, measure.
@@ -207,7 +208,8 @@ def channel_pruning_pipeline(
     lose units: "channels" and/or "heads" (whole attention heads; `sparsity` is then a fraction of
     the selected groups' cost). `sparsify` (a pattern: unstructured, nm:N:M, block:RxC) zeroes weights
     instead of removing units: `sparsity` is then the fraction of the layers' weights made zero, split by
-    `allocator` (uniform, global, lamp).
+    `allocator` (uniform, global, lamp). `metanet` rewrites the weights with the shipped metanetwork before
+    scoring, whatever the allocator (`allocator="metanet"` implies it and ranks its norms globally).
     """
     if allocator not in ALLOCATOR_NAMES:
         raise InvalidRequestError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATOR_NAMES)}")
@@ -233,6 +235,8 @@ def channel_pruning_pipeline(
             raise InvalidRequestError("--sparsify zeroes weights instead of removing units; it does not combine with --prune")
         if budget != "params":
             raise InvalidRequestError("--sparsify counts zeroed weights: --budget macs|latency does not apply")
+        if metanet:
+            raise InvalidRequestError("--metanet prepares networks for removing units; it does not combine with --sparsify")
     groups = tuple(k for k in prune if k in GROUP_KINDS) if sparsify is None else ()
     passes: list[ir.passes.PassBase] = [*preparation_passes(), MeasureCost("before")]
     if "blocks" in prune:
@@ -244,7 +248,7 @@ def channel_pruning_pipeline(
     if not groups:  # no channel or head kind asked for: an allocation that keeps every unit
         passes += [ScoreImportance(criterion="l2"), ALLOCATORS["uniform"](sparsity=0.0, budget=budget)]
     else:
-        if allocator == "metanet" and sparsity > 0:  # at sparsity 0 the output must be the input model
+        if (metanet or allocator == "metanet") and sparsity > 0:  # at sparsity 0 the output must be the input model
             from pcc.metanet.transform import MetanetTransform
 
             passes.append(MetanetTransform())

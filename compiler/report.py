@@ -66,6 +66,7 @@ class CompileReport:
     sensitivity_reused: bool = False
     calib_accuracy_before: float | None = None  # on the calibration data, when it has labels
     calib_accuracy_after: float | None = None
+    metanet: str | None = None  # the MetanetReport summary, with --metanet or --allocator metanet
     blocks: str | None = None  # the BlockPruneReport summary, with --prune blocks
     tokens: str | None = None  # the TokenPruneReport summary, with --prune tokens
     sparsify: str | None = None  # the SparsifyReport summary, with --sparsify
@@ -131,6 +132,8 @@ class CompileReport:
 
     def _analysis_lines(self) -> list[str]:
         lines = [f"  calib      {self.calibration}"]
+        if self.metanet:
+            lines.append(f"  {self.metanet}")
         if self.blocks:
             lines.append(f"  blocks     {self.blocks}")
         if self.tokens:

@@ -8,6 +8,7 @@ ratio and not a MACs estimate.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,10 +81,14 @@ class OnnxTarget:
 
 
 def describe_transforms(report: CompileReport, result: PipelineResult) -> None:
-    """The summaries of the transforms beyond channel pruning that ran (blocks, tokens, sparse weights)."""
+    """The summaries of the transforms beyond channel pruning that ran (metanetwork, blocks, tokens, sparse weights)."""
     for name, result_type in (("blocks", BlockPruneReport), ("tokens", TokenPruneReport), ("sparsify", SparsifyReport)):
         found = result.get(result_type)
         setattr(report, name, found.summary() if found is not None else None)
+    # the metanetwork's module (and torch-geometric, slow to import) is loaded only by pipelines that run it
+    metanet = sys.modules.get("pcc.metanet.transform")
+    found = result.get(metanet.MetanetReport) if metanet is not None else None
+    report.metanet = found.summary() if found is not None else None
 
 
 def build_report(result, output, model_name, allocator, importance, latency, difference, target) -> CompileReport:

@@ -150,3 +150,24 @@ def test_cli_compiles_with_the_metanet_allocator(tmp_path, zoo_cache):
     assert "metanet" in done.stdout
     outputs = run_onnx(out, {"x": zoo_cache.example_input("resnet_basic")})
     assert all(np.isfinite(o).all() for o in outputs)
+
+
+def test_metanet_flag_puts_the_transform_in_front_of_any_allocator(zoo_cache):
+    pipeline = channel_pruning_pipeline(0.5, allocator="uniform", budget="macs", metanet=True)
+    assert pipeline.index(MetanetTransform) < pipeline.index(ScoreImportance)
+    assert not any(isinstance(p, AllocateMetanet) for p in pipeline)
+    result = pipeline.run(zoo_cache.model("resnet_basic"))
+    assert result.get(MetanetReport).group_norm_ratio < 1
+    assert abs(result.get(Allocation).achieved - 0.5) <= 0.05
+    assert not any(isinstance(p, MetanetTransform) for p in channel_pruning_pipeline(0.0, metanet=True))
+    with pytest.raises(InvalidRequestError, match="--metanet .* does not combine with --sparsify"):
+        channel_pruning_pipeline(0.5, sparsify="block:4x1", metanet=True)
+
+
+def test_cli_reports_the_metanetwork_transform(tmp_path, zoo_cache):
+    out = tmp_path / "pruned.onnx"
+    done = pcc("compile", zoo_cache.path("resnet_basic"), "--sparsity", "0.5", "--metanet", "--budget", "macs", "-o", out,
+               "--repeats", "2")
+    assert done.returncode == 0, done.stderr
+    assert "metanet: " in done.stdout and "weight tensors rewritten" in done.stdout
+    onnx.checker.check_model(str(out), full_check=True)

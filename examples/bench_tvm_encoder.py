@@ -25,8 +25,9 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pcc.compiler import from_torch  # noqa: E402
+from pcc.compiler import from_torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # movie_reviews, for --model minilm
 
 LAYERS, HIDDEN, HEADS, FFN, TOKENS = 6, 384, 12, 1536, 128
 

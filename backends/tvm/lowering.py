@@ -139,7 +139,6 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
     class _SubstituteMatmuls(PyExprMutator):
         def __init__(self, mod):
             super().__init__(mod)
-            self.mod_ = mod
             self.count = 0
 
         def visit_call_(self, call):
@@ -216,7 +215,7 @@ def lower(model: ir.Model, input_shapes: dict[str, list[int]], target, *, block:
             return relax.op.reshape(out, (*outer, m, n))
 
     use_all_cores()
-    module = mutate_relax_functions(_SubstituteMatmuls(module))
+    module = mutate_relax_functions(module, _SubstituteMatmuls(module))
     executable = tvm.compile(module, target=target, relax_pipeline=cpu_pipeline(tvm.target.Target(target)))
     return Lowered(executable, layers, activation_matmuls)
 

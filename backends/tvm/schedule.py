@@ -52,12 +52,12 @@ def parallel_spatial_loops():
     return ParallelSpatialLoops()
 
 
-def mutate_relax_functions(mutator):
-    """The module of a `PyExprMutator` (built on it) with each of its Relax functions visited and replaced:
-    the loop every Relax-level rewrite here shares (the PrimFuncs are left as they are)."""
+def mutate_relax_functions(mod, mutator):
+    """`mod` with each of its Relax functions visited and replaced by `mutator` (a `PyExprMutator` built on
+    `mod`): the loop every Relax-level rewrite here shares (the PrimFuncs are left as they are)."""
     from tvm import relax
 
-    for global_var, function in mutator.mod_.functions_items():
+    for global_var, function in mod.functions_items():
         if isinstance(function, relax.Function):
             mutator.builder_.update_func(global_var, mutator.visit_expr(function))
     return mutator.builder_.get()
@@ -76,10 +76,6 @@ def fast_gelu():
 
     @mutator
     class _FastGelu(PyExprMutator):
-        def __init__(self, mod):
-            super().__init__(mod)
-            self.mod_ = mod
-
         def visit_call_(self, call):
             call = self.visit_expr_post_order(call)
             if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.gelu":
@@ -88,7 +84,7 @@ def fast_gelu():
 
     @tvm.transform.module_pass(opt_level=0, name="FastGelu")
     def rewrite(mod, _ctx):
-        return mutate_relax_functions(_FastGelu(mod))
+        return mutate_relax_functions(mod, _FastGelu(mod))
 
     return rewrite
 

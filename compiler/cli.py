@@ -18,7 +18,6 @@ Exit status: 0 success; 2 bad input or a request that cannot apply (one line on 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -28,22 +27,13 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from pcc.backends import TARGETS
-from pcc.backends.spatten import CONFIGS as SPATTEN_CONFIGS
-from pcc.backends.spatten import HEAD_SHARE, spatten_pipeline
-from pcc.backends.onnx.runtime import session, top1_accuracy
-from pcc.backends.onnx.writer import write_checked
-from pcc.compiler.calibration import load_calibration
+# Only light modules at the top: `pcc --help` and argument errors must answer at once, so onnx, torch,
+# tvm and the passes are imported by the commands that use them.
 from pcc.compiler.errors import InvalidRequestError, PccError
-from pcc.compiler.frontend import load_onnx
-from pcc.compiler.pipeline import ALLOCATOR_NAMES, PRUNABLE_KINDS, Pipeline, analysis_pipeline, channel_pruning_pipeline
-from pcc.compiler.report import write_report
-from pcc.passes.allocation import BUDGETS
-from pcc.passes.allocation.allocation import check_sparsity
-from pcc.passes.analysis import DependencyGroups
-from pcc.passes.analysis.attention import AttentionBlocks
-from pcc.passes.analysis.importance import CRITERIA, DATA_CRITERIA, REDUCTIONS
-from pcc.passes.transforms import FineTune, FineTuneReport
+from pcc.compiler.options import (
+    ALLOCATOR_NAMES, BUDGETS, CRITERIA, DATA_CRITERIA, HEAD_SHARE, PRUNABLE_KINDS, REDUCTIONS, SPATTEN_CONFIG_NAMES,
+    TARGET_NAMES, CompileOptions, check_sparsity,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -64,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument(
         "--sparsity", type=float, required=True, help="fraction of the prunable parameters to remove, in [0, 1)"
     )
-    compile_.add_argument("--target", default="onnx", choices=sorted(TARGETS), help="what to lower to (default: onnx)")
+    compile_.add_argument("--target", default="onnx", choices=TARGET_NAMES, help="what to lower to (default: onnx)")
     compile_.add_argument("-o", "--output", type=Path, help="output file (default: ./MODEL.pruned.onnx); a folder for --target spatten")
     compile_.add_argument(
         "--prune", default="channels", type=_kinds, metavar="KINDS",
@@ -82,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --target tvm: llvm (this CPU, detected), or a TVM target passed through (a JSON dict or a kind name)",
     )
     compile_.add_argument(
-        "--spatten-config", default="full", choices=sorted(SPATTEN_CONFIGS),
+        "--spatten-config", default="full", choices=SPATTEN_CONFIG_NAMES,
         help="with --target spatten: the machine simulated, full SpAtten or SpAtten 1/8 (default: full)",
     )
     compile_.add_argument(
@@ -217,6 +207,8 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    import importlib.util
+
     check_sparsity(args.sparsity)
     for flag, value in (("--repeats", args.repeats), ("--latency-batch", args.latency_batch),
                         ("--latency-length", args.latency_length)):
@@ -224,51 +216,59 @@ def _compile(args: argparse.Namespace) -> int:
             raise InvalidRequestError(f"{flag} must be at least 1, got {value}")
     if args.ray is not None and importlib.util.find_spec("ray") is None:
         raise InvalidRequestError("--ray needs Ray: pip install 'pcc[ray]'")
-    progress = sys.stderr.isatty()
     _check_target_options(args)
+    progress = sys.stderr.isatty()
     if args.target == "spatten":
         return _compile_spatten(args, progress)
-    options = {"tvm_target": args.tvm_target} if args.target == "tvm" else {}
+    from pcc.backends import TARGETS
+    from pcc.backends.onnx.runtime import top1_accuracy
+    from pcc.compiler.calibration import load_calibration
+    from pcc.compiler.frontend import load_onnx
+    from pcc.compiler.pipeline import compile_pipeline
+    from pcc.compiler.report import write_report
+    from pcc.passes.analysis import DependencyGroups
+
+    target_options = {"tvm_target": args.tvm_target} if args.target == "tvm" else {}
     target = TARGETS[args.target](repeats=args.repeats, progress=progress, seed=args.seed, batch=args.latency_batch,
-                                 length=args.latency_length, **options)
+                                 length=args.latency_length, **target_options)
     output = _output_path(args, target)
     model = load_onnx(args.model)
     target.check(model)
     calibration = load_calibration(model, args.calib, seed=args.seed)
     if calibration.synthetic and (args.importance in DATA_CRITERIA or args.allocator == "dp" or args.report):
         print("pcc: warning: no --calib given: data-driven scores run on random inputs and reflect the weights only", file=sys.stderr)
-    # pruning shifts every later layer's input statistics; with real data, BatchNorm is re-estimated
-    recalibrate_bn = (
-        not calibration.synthetic and not args.no_bn_recalibration
-        and any(node.op_type == "BatchNormalization" for node in model.graph)
-    )
-    pipeline = channel_pruning_pipeline(
-        args.sparsity,
+    options = CompileOptions(
+        sparsity=args.sparsity,
+        prune=args.prune,
+        sparsify=args.sparsify,
         importance=args.importance,
         reduction=args.reduction,
         allocator=args.allocator,
         budget=args.budget,
+        metanet=args.metanet,
         round_to=target.preferred_round_to if args.round_to is None else args.round_to,
         seed=args.seed,
+        # pruning shifts every later layer's input statistics; with real data, BatchNorm is re-estimated
+        recalibrate_bn=(
+            not calibration.synthetic and not args.no_bn_recalibration
+            and any(node.op_type == "BatchNormalization" for node in model.graph)
+        ),
         calibration=calibration,
         workers=args.workers,
         ray_address=args.ray,
         sensitivity_cache=_sensitivity_cache(args.model),
         latency_batch=args.latency_batch,
+        latency_length=args.latency_length,
         latency_repeats=args.repeats,
         compare_allocators=args.report is not None,
-        recalibrate_bn=recalibrate_bn,
-        prune=args.prune,
-        sparsify=args.sparsify,
-        metanet=args.metanet,
         progress=progress,
     )
-    result = pipeline.run(model, progress=progress)
+    result = compile_pipeline(options).run(model, progress=progress)
     report = target.emit(
         result, args.model, output, model_name=str(args.model), allocator=args.allocator, importance=args.importance
     )
     report.calibration = f"{calibration.source} ({calibration.num_samples} samples)"
-    if recalibrate_bn:
+    if options.recalibrate_bn:
         report.calibration += "; BatchNorm statistics re-estimated on it after pruning"
     if calibration.labels is not None:
         report.calib_accuracy_before = top1_accuracy(str(args.model), calibration)
@@ -321,6 +321,11 @@ def _compile_spatten(args: argparse.Namespace, progress: bool) -> int:
     The target measures its functional model on --calib (labels: accuracy) or, without it, on random inputs
     of --latency-batch x --latency-length; its report goes into the output folder, so --report is refused.
     """
+    from pcc.backends import TARGETS
+    from pcc.backends.spatten import spatten_pipeline
+    from pcc.compiler.calibration import load_calibration
+    from pcc.compiler.frontend import load_onnx
+
     model = load_onnx(args.model)
     msb_bits, lsb_bits = args.key_bits
     target = TARGETS["spatten"](
@@ -346,6 +351,13 @@ def _sensitivity_cache(model_path: Path) -> Path | None:
 def _finetune(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidRequestError(f"--batch-size must be at least 1, got {args.batch_size}")
+    from pcc.backends.onnx.runtime import session, top1_accuracy
+    from pcc.backends.onnx.writer import write_checked
+    from pcc.compiler.calibration import load_calibration
+    from pcc.compiler.frontend import load_onnx
+    from pcc.compiler.pipeline import Pipeline
+    from pcc.passes.transforms import FineTune, FineTuneReport
+
     output = args.output or Path.cwd() / f"{args.model.stem}.finetuned.onnx"
     if args.model.exists() and output.resolve() == args.model.resolve():
         raise InvalidRequestError(f"output {output} is the input model; pcc never overwrites its input")
@@ -382,6 +394,11 @@ def _run(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     if args.round_to < 1:
         raise InvalidRequestError(f"--round-to must be a positive integer, got {args.round_to}")
+    from pcc.compiler.frontend import load_onnx
+    from pcc.compiler.pipeline import analysis_pipeline
+    from pcc.passes.analysis import DependencyGroups
+    from pcc.passes.analysis.attention import AttentionBlocks
+
     result = analysis_pipeline(args.round_to).run(load_onnx(args.model))
     groups = result.get(DependencyGroups)
     attention = result.get(AttentionBlocks)

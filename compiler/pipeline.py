@@ -11,21 +11,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from tqdm.auto import tqdm
 
-from pcc.compiler.errors import InvalidRequestError, PccError
-from pcc.compiler.calibration import CalibrationData
-from pcc.passes.allocation import ALLOCATORS, BUDGETS, AllocateDP
+from pcc.compiler.errors import PccError
+from pcc.compiler.options import GROUP_KINDS, CompileOptions
+from pcc.passes.allocation import ALLOCATORS, AllocateDP
 from pcc.passes.allocation.compare import CompareAllocators
 from pcc.passes.analysis.attention import FindAttentionBlocks
 from pcc.passes.analysis.cost import MeasureCost
 from pcc.passes.analysis.dependency_groups import BuildDependencyGroups
-from pcc.passes.analysis.importance import CRITERIA, REDUCTIONS, ScoreImportance
+from pcc.passes.analysis.importance import ScoreImportance
 from pcc.passes.analysis.latency import MeasureLatency
 from pcc.passes.analysis.residual_blocks import FindResidualBlocks
 from pcc.passes.analysis.sensitivity import MeasureSensitivity
@@ -38,17 +37,21 @@ from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 from pcc.passes.transforms.prune_blocks import PruneBlocks
 from pcc.passes.transforms.prune_channels import PruneChannels
 from pcc.passes.transforms.prune_tokens import PruneTokens
-from pcc.passes.transforms.sparsify_weights import SPARSIFY_ALLOCATORS, SparsifyWeights
+from pcc.passes.transforms.sparsify_weights import SparsifyWeights
 
 __all__ = [
-    "ALLOCATOR_NAMES",
     "Pipeline",
     "PipelineResult",
     "PassTiming",
     "describe_pass",
     "preparation_passes",
     "analysis_pipeline",
+    "compile_pipeline",
     "channel_pruning_pipeline",
+    "block_passes",
+    "group_passes",
+    "allocation_passes",
+    "repair_passes",
 ]
 
 R = TypeVar("R")
@@ -164,132 +167,100 @@ def preparation_passes() -> list[ir.passes.PassBase]:
     ]
 
 
-# `--allocator` names: the allocation passes, and `metanet` (pcc.metanet: the metanetwork transform, then a
-# global ranking of its group norms), imported only when asked for (torch-geometric is slow to import)
-ALLOCATOR_NAMES = (*ALLOCATORS, "metanet")
-GROUP_KINDS = ("channels", "heads")  # what the allocators and PruneChannels remove, as dependency groups
-PRUNABLE_KINDS = (*GROUP_KINDS, "blocks", "tokens")  # blocks and tokens have their own passes
-
-
 def analysis_pipeline(round_to: int = 1) -> Pipeline:
     """Preparation, attention blocks and dependency groups only: what `pcc inspect` runs."""
     return Pipeline([*preparation_passes(), FindAttentionBlocks(), BuildDependencyGroups(round_to, GROUP_KINDS)])
 
 
-def channel_pruning_pipeline(
-    sparsity: float,
-    *,
-    importance: str = "l2",
-    reduction: str = "mean",
-    allocator: str = "uniform",
-    budget: str = "params",
-    round_to: int = 1,
-    seed: int = 0,
-    calibration: CalibrationData | None = None,
-    workers: int | None = None,
-    ray_address: str | None = None,
-    sensitivity_cache: Path | None = None,
-    latency_batch: int = 1,
-    latency_repeats: int = 20,
-    compare_allocators: bool = False,
-    recalibrate_bn: bool = False,
-    prune: tuple[str, ...] = ("channels",),
-    sparsify: str | None = None,
-    metanet: bool = False,
-    progress: bool = False,
-) -> Pipeline:
-    """The default `pcc compile` pipeline: prepare, group, score, [measure], allocate, prune, measure.
+def compile_pipeline(options: CompileOptions) -> Pipeline:
+    """The `pcc compile` pipeline for `options`: prepare, then each kind of pruning asked for adds its passes.
 
-    The `dp` allocator adds a sensitivity sweep (on `calibration`, in `workers` processes or on Ray at
-    `ray_address`, cached in `sensitivity_cache`); the `latency` budget adds a latency table measured in
-    onnxruntime at batch `latency_batch`. `compare_allocators` records what every allocator would keep
-    (for the report). `recalibrate_bn` re-estimates BatchNorm statistics on `calibration` after pruning,
-    and the sensitivity sweep and comparisons measure variants the same way. `prune` names what may
-    lose units: "channels" and/or "heads" (whole attention heads; `sparsity` is then a fraction of
-    the selected groups' cost). `sparsify` (a pattern: unstructured, nm:N:M, block:RxC) zeroes weights
-    instead of removing units: `sparsity` is then the fraction of the layers' weights made zero, split by
-    `allocator` (uniform, global, lamp). `metanet` rewrites the weights with the shipped metanetwork before
-    scoring, whatever the allocator (`allocator="metanet"` implies it and ranks its norms globally).
+    Blocks go first (a removed block's channels need no scoring), then dependency groups (channels,
+    heads) or sparse weights, then the repairs that re-fit what remains, then tokens (which change
+    what every later layer sees), and the cost is measured before and after.
     """
-    if allocator not in ALLOCATOR_NAMES:
-        raise InvalidRequestError(f"unknown allocator {allocator!r}; choose from {', '.join(ALLOCATOR_NAMES)}")
-    if importance not in CRITERIA:
-        raise InvalidRequestError(f"unknown importance {importance!r}; choose from {', '.join(CRITERIA)}")
-    if reduction not in REDUCTIONS:
-        raise InvalidRequestError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
-    if budget not in BUDGETS:
-        raise InvalidRequestError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
-    if round_to < 1:
-        raise InvalidRequestError(f"--round-to must be a positive integer, got {round_to}")
-    if recalibrate_bn and (calibration is None or calibration.synthetic):
-        raise InvalidRequestError("BatchNorm recalibration needs real calibration data (--calib)")
-    if workers is not None and workers < 1:
-        raise InvalidRequestError(f"--workers must be at least 1, got {workers}")
-    unknown = sorted(set(prune) - set(PRUNABLE_KINDS))
-    if unknown or not prune:
-        raise InvalidRequestError(f"cannot prune {', '.join(unknown) or 'nothing'}; choose from {', '.join(PRUNABLE_KINDS)}")
-    if sparsify is not None:
-        if allocator not in SPARSIFY_ALLOCATORS:
-            raise InvalidRequestError(f"--allocator {allocator} does not apply to --sparsify; choose from {', '.join(SPARSIFY_ALLOCATORS)}")
-        if prune != ("channels",):
-            raise InvalidRequestError("--sparsify zeroes weights instead of removing units; it does not combine with --prune")
-        if budget != "params":
-            raise InvalidRequestError("--sparsify counts zeroed weights: --budget macs|latency does not apply")
-        if metanet:
-            raise InvalidRequestError("--metanet prepares networks for removing units; it does not combine with --sparsify")
-    groups = tuple(k for k in prune if k in GROUP_KINDS) if sparsify is None else ()
     passes: list[ir.passes.PassBase] = [*preparation_passes(), MeasureCost("before")]
-    if "blocks" in prune:
-        passes += [FindResidualBlocks(calibration), PruneBlocks(sparsity=sparsity)]
-    passes += [
-        FindAttentionBlocks(required_by="--prune heads" if "heads" in groups else None),
-        BuildDependencyGroups(round_to=round_to, prune=groups),
-    ]
-    if not groups:  # no channel or head kind asked for: an allocation that keeps every unit
-        passes += [ScoreImportance(criterion="l2"), ALLOCATORS["uniform"](sparsity=0.0, budget=budget)]
-    else:
-        if (metanet or allocator == "metanet") and sparsity > 0:  # at sparsity 0 the output must be the input model
-            from pcc.metanet.transform import MetanetTransform
-
-            passes.append(MetanetTransform())
-        passes.append(
-            ScoreImportance(criterion=importance, reduction=reduction, seed=seed, calibration=calibration, progress=progress)
-        )
-        if budget == "latency":
-            passes.append(MeasureLatency(repeats=latency_repeats, batch=latency_batch, progress=progress))
-        if allocator == "dp":
-            passes.append(
-                MeasureSensitivity(
-                    calibration=calibration, workers=workers, ray_address=ray_address, cache=sensitivity_cache,
-                    recalibrate_bn=recalibrate_bn, progress=progress,
-                )
-            )
-            passes.append(
-                AllocateDP(
-                    sparsity=sparsity, budget=budget, calibration=calibration, recalibrate_bn=recalibrate_bn,
-                    workers=workers, ray_address=ray_address,
-                )
-            )
-        elif allocator == "metanet":
-            from pcc.metanet.transform import AllocateMetanet
-
-            passes.append((AllocateMetanet if sparsity > 0 else ALLOCATORS["global"])(sparsity=sparsity, budget=budget))
-        else:
-            passes.append(ALLOCATORS[allocator](sparsity=sparsity, budget=budget))
-        if compare_allocators:
-            passes.append(
-                CompareAllocators(
-                    sparsity, budget, calibration=calibration, recalibrate_bn=recalibrate_bn, workers=workers,
-                    ray_address=ray_address, progress=progress,
-                )
-            )
-    passes.append(PruneChannels())
-    if sparsify is not None:
-        passes.append(SparsifyWeights(sparsify, sparsity, allocator))
-    # after whatever changed the weights; at sparsity 0 the output must be the input model, statistics included
-    if recalibrate_bn and sparsity > 0:
-        passes.append(RecalibrateBatchNorm(calibration))
-    if "tokens" in prune:
-        passes += [FindAttentionBlocks(required_by="--prune tokens"), PruneTokens(sparsity=sparsity)]
+    if "blocks" in options.prune:
+        passes += block_passes(options)
+    passes += group_passes(options)
+    if options.sparsify is not None:
+        passes.append(SparsifyWeights(options.sparsify, options.sparsity, options.allocator))
+    passes += repair_passes(options)
+    if "tokens" in options.prune:
+        passes += [FindAttentionBlocks(required_by="--prune tokens"), PruneTokens(sparsity=options.sparsity)]
     passes.append(MeasureCost("after"))
     return Pipeline(passes)
+
+
+def channel_pruning_pipeline(sparsity: float, **options) -> Pipeline:
+    """`compile_pipeline(CompileOptions(sparsity, **options))`: the Python API's short form."""
+    return compile_pipeline(CompileOptions(sparsity=sparsity, **options))
+
+
+def block_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
+    """Whole residual blocks, the least influential first, until `sparsity` of their parameters are gone."""
+    return [FindResidualBlocks(options.calibration), PruneBlocks(sparsity=options.sparsity)]
+
+
+def group_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
+    """Dependency groups: find, score, allocate the budget over them, and remove the allocated units.
+
+    With no channel or head kind asked for (blocks or tokens only, or sparse weights), the groups are
+    still built, with an allocation that keeps every unit, so later passes see a consistent model.
+    """
+    kinds = options.group_kinds
+    passes: list[ir.passes.PassBase] = [
+        FindAttentionBlocks(required_by="--prune heads" if "heads" in kinds else None),
+        BuildDependencyGroups(round_to=options.round_to, prune=kinds),
+    ]
+    if not kinds:
+        return [*passes, ScoreImportance(criterion="l2"), ALLOCATORS["uniform"](sparsity=0.0, budget=options.budget),
+                PruneChannels()]
+    if options.uses_metanet:
+        from pcc.metanet.transform import MetanetTransform  # torch-geometric: imported only when asked for
+
+        passes.append(MetanetTransform())
+    passes.append(ScoreImportance(
+        criterion=options.importance, reduction=options.reduction, seed=options.seed, calibration=options.calibration,
+        progress=options.progress,
+    ))
+    if options.budget == "latency":
+        passes.append(MeasureLatency(repeats=options.latency_repeats, batch=options.latency_batch, progress=options.progress))
+    passes += allocation_passes(options)
+    if options.compare_allocators:
+        passes.append(CompareAllocators(
+            options.sparsity, options.budget, calibration=options.calibration, recalibrate_bn=options.recalibrate_bn,
+            workers=options.workers, ray_address=options.ray_address, progress=options.progress,
+        ))
+    return [*passes, PruneChannels()]
+
+
+def allocation_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
+    """The allocator named by `options.allocator` (the DP with its sensitivity sweep first)."""
+    if options.allocator == "dp":
+        return [
+            MeasureSensitivity(
+                calibration=options.calibration, workers=options.workers, ray_address=options.ray_address,
+                cache=options.sensitivity_cache, recalibrate_bn=options.recalibrate_bn, progress=options.progress,
+            ),
+            AllocateDP(
+                sparsity=options.sparsity, budget=options.budget, calibration=options.calibration,
+                recalibrate_bn=options.recalibrate_bn, workers=options.workers, ray_address=options.ray_address,
+            ),
+        ]
+    if options.allocator == "metanet":
+        from pcc.metanet.transform import AllocateMetanet
+
+        allocator = AllocateMetanet if options.sparsity > 0 else ALLOCATORS["global"]
+        return [allocator(sparsity=options.sparsity, budget=options.budget)]
+    return [ALLOCATORS[options.allocator](sparsity=options.sparsity, budget=options.budget)]
+
+
+def repair_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
+    """After whatever changed the weights: re-estimate BatchNorm statistics on the calibration data.
+
+    At sparsity 0 the output must be the input model, statistics included, so nothing runs.
+    """
+    if options.sparsity == 0:
+        return []
+    return [RecalibrateBatchNorm(options.calibration)] if options.recalibrate_bn else []

@@ -31,10 +31,10 @@ from pcc.passes.analysis.attention import AttentionBlocks, FindAttentionBlocks
 from pcc.passes.results import fetch, store
 from pcc.passes.transforms.cascade_heads import HEADS_UNPRUNED, CascadeHeads
 from pcc.passes.transforms.prune_tokens import TOKENS_UNPRUNED, PruneTokens, cascade_keep_schedule
+from pcc.compiler.options import HEAD_SHARE  # head sparsity = HEAD_SHARE x the requested token x head sparsity
 
 __all__ = ["HEAD_SHARE", "AttentionSparsitySplit", "CascadeTokensAndHeads", "spatten_pipeline", "split_attention_sparsity"]
 
-HEAD_SHARE = 0.25  # head sparsity = HEAD_SHARE x the requested token x head sparsity
 _BISECTION_STEPS = 60
 
 

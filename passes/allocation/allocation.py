@@ -12,12 +12,13 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from pcc.compiler.errors import InvalidRequestError
+from pcc.compiler.options import check_sparsity
 from pcc.passes.allocation.budget import BUDGETS, Cost, mac_cost, param_cost
 from pcc.passes.analysis.dependency_groups import DependencyGroup, DependencyGroups
 from pcc.passes.analysis.importance import Importance
@@ -52,6 +53,9 @@ class Allocation:
     # the additivity check of distortion-driven allocators: summed single-group vs joint distortion
     predicted_distortion: float | None = None
     measured_distortion: float | None = None
+    # the DP's guard: measured joint distortion of each candidate ("dp", "uniform", ...), and the one kept
+    candidates: dict[str, float] = field(default_factory=dict)
+    kept_from: str | None = None  # None: the allocator's own answer
 
     @property
     def achieved(self) -> float:
@@ -64,20 +68,21 @@ class Allocation:
         )
         if self.target > self.reachable + 1e-9:
             line += f"; best reachable is {100 * self.reachable:.1f}%"
-        if self.predicted_distortion is not None and self.measured_distortion is not None:
+        own = self.candidates.get("dp", self.measured_distortion)
+        if self.predicted_distortion is not None and own is not None:
             line += (
                 f"\nadditivity check: sum of single-group distortions {self.predicted_distortion:.4g}, "
-                f"measured with all groups pruned {self.measured_distortion:.4g}"
+                f"measured with all groups pruned {own:.4g}"
             )
+        if self.kept_from is not None and own is not None:
+            line += f"\ndp: kept {self.kept_from}'s allocation (joint distortion {self.measured_distortion:.4g} vs {own:.4g})"
+        elif len(self.candidates) > 1:
+            others = ", ".join(f"{name} {value:.4g}" for name, value in self.candidates.items() if name != "dp")
+            line += f"\ndp: its own allocation measured best (joint distortion {own:.4g}; {others})"
         return line
 
 
 _BUDGET_TEXT = {"params": "prunable params", "macs": "MACs", "latency": "latency (predicted)"}
-
-
-def check_sparsity(sparsity: float) -> None:
-    if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
-        raise InvalidRequestError(f"--sparsity must be in [0, 1), got {sparsity}")
 
 
 def _valid(units: np.ndarray) -> np.ndarray:

@@ -15,11 +15,11 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
+from pcc.compiler.options import BUDGETS
 from pcc.passes.analysis.dependency_groups import DependencyGroups, is_parameter
 
 __all__ = ["BUDGETS", "Cost", "ProductCost", "param_cost", "mac_cost"]
 
-BUDGETS = ("params", "macs", "latency")
 
 Factor = tuple[str, int]  # (value name, axis)
 

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pcc.compiler.calibration import CalibrationData
+from pcc.compiler.options import CRITERIA, DATA_CRITERIA, REDUCTIONS
 from pcc.passes.analysis.channel_rules import Role
 from pcc.passes.analysis.dependency_groups import DependencyGroups
 from pcc.passes.results import fetch, store
@@ -43,9 +44,6 @@ __all__ = [
     "score_units",
 ]
 
-CRITERIA = ("l1", "l2", "bn", "lamp", "taylor", "hessian", "activation", "random")
-DATA_CRITERIA = ("taylor", "hessian", "activation")
-REDUCTIONS = ("mean", "sum", "max")
 _WEIGHT_ROLES = {Role.OUT, Role.IN, Role.SCALE, Role.NORM_SCALE}
 _PRODUCER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 

@@ -27,13 +27,12 @@ import numpy as np
 import onnx_ir as ir
 
 from pcc.compiler.errors import InvalidRequestError
-from pcc.passes.allocation.allocation import check_sparsity
+from pcc.compiler.options import SPARSIFY_ALLOCATORS, check_sparsity
 from pcc.passes.analysis.importance import lamp_within
 from pcc.passes.results import store
 
 __all__ = ["SparsityPattern", "SparsifyReport", "SparsifyWeights", "SPARSIFY_ALLOCATORS", "sparse_weight_layers"]
 
-SPARSIFY_ALLOCATORS = ("uniform", "global", "lamp")
 
 
 @dataclass(frozen=True)

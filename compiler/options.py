@@ -1,0 +1,154 @@
+"""Compile options: one typed object for everything `pcc compile` can be asked, and the names it offers.
+
+The command line and the Python API used to pass ~20 keywords one by one into one growing function;
+now both fill a `CompileOptions`, which checks itself once, and each kind of pruning contributes its
+own passes from it (`compiler/pipeline.py`). The choice tuples here are the contract of the command
+line (shared/CLI.md); the passes that implement each name import it from here, so there is one list.
+
+This module imports nothing heavy (no onnx, no torch): `pcc --help` and argument errors build the
+parser from it and answer at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pcc.compiler.errors import InvalidRequestError
+
+if TYPE_CHECKING:  # only for annotations: importing calibration pulls in onnx
+    from pcc.compiler.calibration import CalibrationData
+
+__all__ = [
+    "ALLOCATOR_NAMES",
+    "BUDGETS",
+    "CRITERIA",
+    "DATA_CRITERIA",
+    "GROUP_KINDS",
+    "HEAD_SHARE",
+    "PRUNABLE_KINDS",
+    "RECONSTRUCT_MODES",
+    "REDUCTIONS",
+    "SPARSIFY_ALLOCATORS",
+    "SPATTEN_CONFIG_NAMES",
+    "TARGET_NAMES",
+    "CompileOptions",
+    "check_sparsity",
+]
+
+TARGET_NAMES = ("onnx", "spatten", "tvm")
+GROUP_KINDS = ("channels", "heads")  # removed as dependency groups by the allocators and PruneChannels
+PRUNABLE_KINDS = (*GROUP_KINDS, "blocks", "tokens")  # blocks and tokens have their own passes
+CRITERIA = ("l1", "l2", "bn", "lamp", "taylor", "hessian", "activation", "random")
+DATA_CRITERIA = ("taylor", "hessian", "activation")  # computed on calibration data
+REDUCTIONS = ("mean", "sum", "max")
+# the allocation passes, and `metanet` (the metanetwork's rewrite, then a global ranking of its norms)
+ALLOCATOR_NAMES = ("uniform", "global", "lamp", "dp", "metanet")
+SPARSIFY_ALLOCATORS = ("uniform", "global", "lamp")  # how --sparsify splits its zeros over layers
+BUDGETS = ("params", "macs", "latency")
+# repair after removal: none, FLAP's bias compensation, or layer-wise least squares (ThiNet / He et al.)
+RECONSTRUCT_MODES = ("none", "bias", "ls")
+SPATTEN_CONFIG_NAMES = ("eighth", "full")
+HEAD_SHARE = 0.25  # --target spatten: head sparsity = HEAD_SHARE x the requested token x head sparsity
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
+        raise InvalidRequestError(f"--sparsity must be in [0, 1), got {sparsity}")
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidRequestError(f"unknown {flag.lstrip('-')} {value!r}; choose from {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What to remove and how, and the data and machine settings the passes measure with.
+
+    `sparsity` is the fraction of the `budget` cost removed from the `prune` kinds (or, with `sparsify`,
+    the fraction of the layers' weights made zero). `calibration` feeds data-driven scores, the
+    sensitivity sweep, BatchNorm re-estimation and reconstruction; `reconstruct` re-fits the layers
+    after the removed units on it. The rest mirrors the command line's flags of the same names.
+    """
+
+    sparsity: float
+    prune: tuple[str, ...] = ("channels",)
+    sparsify: str | None = None
+    importance: str = "l2"
+    reduction: str = "mean"
+    allocator: str = "uniform"
+    budget: str = "params"
+    metanet: bool = False
+    round_to: int = 1
+    seed: int = 0
+    reconstruct: str = "none"
+    recalibrate_bn: bool = False
+    calibration: CalibrationData | None = field(default=None, repr=False)
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    workers: int | None = None
+    ray_address: str | None = None
+    sensitivity_cache: Path | None = None
+    latency_batch: int = 1
+    latency_length: int = 128
+    latency_repeats: int = 20
+    compare_allocators: bool = False
+    progress: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        _choice("--allocator", self.allocator, ALLOCATOR_NAMES)
+        _choice("--importance", self.importance, CRITERIA)
+        _choice("--reduction", self.reduction, REDUCTIONS)
+        _choice("--budget", self.budget, BUDGETS)
+        _choice("--reconstruct", self.reconstruct, RECONSTRUCT_MODES)
+        for flag, value in (("--round-to", self.round_to), ("--workers", self.workers),
+                            ("--latency-batch", self.latency_batch), ("--latency-length", self.latency_length),
+                            ("--repeats", self.latency_repeats)):
+            if value is not None and value < 1:
+                raise InvalidRequestError(f"{flag} must be at least 1, got {value}")
+        unknown = sorted(set(self.prune) - set(PRUNABLE_KINDS))
+        if unknown or not self.prune:
+            raise InvalidRequestError(
+                f"cannot prune {', '.join(unknown) or 'nothing'}; choose from {', '.join(PRUNABLE_KINDS)}"
+            )
+        real_data = self.calibration is not None and not self.calibration.synthetic
+        if self.recalibrate_bn and not real_data:
+            raise InvalidRequestError("BatchNorm recalibration needs real calibration data (--calib)")
+        if self.reconstruct != "none" and not real_data:
+            raise InvalidRequestError(f"--reconstruct {self.reconstruct} needs real calibration data (--calib)")
+        if self.sparsify is not None:
+            self._check_sparsify()
+
+    def _check_sparsify(self) -> None:
+        if self.allocator not in SPARSIFY_ALLOCATORS:
+            raise InvalidRequestError(
+                f"--allocator {self.allocator} does not apply to --sparsify; choose from {', '.join(SPARSIFY_ALLOCATORS)}"
+            )
+        if self.prune != ("channels",):
+            raise InvalidRequestError("--sparsify zeroes weights instead of removing units; it does not combine with --prune")
+        if self.budget != "params":
+            raise InvalidRequestError("--sparsify counts zeroed weights: --budget macs|latency does not apply")
+        if self.metanet:
+            raise InvalidRequestError("--metanet prepares networks for removing units; it does not combine with --sparsify")
+
+    @property
+    def group_kinds(self) -> tuple[str, ...]:
+        """The dependency-group kinds the allocators may shrink (none when weights are sparsified instead)."""
+        return tuple(k for k in self.prune if k in GROUP_KINDS) if self.sparsify is None else ()
+
+    @property
+    def uses_metanet(self) -> bool:
+        # at sparsity 0 the output must be the input model, so the metanetwork's rewrite is skipped
+        return (self.metanet or self.allocator == "metanet") and self.sparsity > 0
+
+    def with_(self, **changes) -> CompileOptions:
+        """A copy with some options changed (checked again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

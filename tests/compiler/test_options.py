@@ -1,0 +1,59 @@
+"""CompileOptions: one checked object for the pipeline, and option names that match what implements them."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pcc.compiler.errors import InvalidRequestError
+from pcc.compiler.options import (
+    ALLOCATOR_NAMES, SPATTEN_CONFIG_NAMES, TARGET_NAMES, CompileOptions,
+)
+
+
+def test_option_names_match_their_implementations():
+    from pcc.backends import TARGETS
+    from pcc.backends.spatten import CONFIGS
+    from pcc.passes.allocation import ALLOCATORS
+
+    assert set(TARGET_NAMES) == set(TARGETS)
+    assert set(SPATTEN_CONFIG_NAMES) == set(CONFIGS)
+    assert set(ALLOCATOR_NAMES) == set(ALLOCATORS) | {"metanet"}
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"sparsity": 1.0}, "--sparsity must be in [0, 1)"),
+        ({"allocator": "best"}, "unknown allocator 'best'"),
+        ({"importance": "vibes"}, "unknown importance 'vibes'"),
+        ({"reconstruct": "magic"}, "unknown reconstruct 'magic'"),
+        ({"round_to": 0}, "--round-to must be at least 1"),
+        ({"prune": ("layers",)}, "cannot prune layers"),
+        ({"recalibrate_bn": True}, "needs real calibration data"),
+        ({"reconstruct": "ls"}, "--reconstruct ls needs real calibration data"),
+        ({"sparsify": "unstructured", "allocator": "dp"}, "does not apply to --sparsify"),
+        ({"sparsify": "unstructured", "prune": ("heads",)}, "does not combine with --prune"),
+    ],
+)
+def test_bad_options_are_refused_in_one_line(changes, message):
+    with pytest.raises(InvalidRequestError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        CompileOptions(**{"sparsity": 0.5, **changes})
+
+
+def test_group_kinds_follow_prune_and_sparsify():
+    assert CompileOptions(0.5, prune=("heads", "tokens")).group_kinds == ("heads",)
+    assert CompileOptions(0.5, sparsify="nm:2:4").group_kinds == ()
+    assert CompileOptions(0.0, allocator="metanet").uses_metanet is False
+    assert CompileOptions(0.3, metanet=True).uses_metanet is True
+
+
+def test_the_command_line_parses_without_importing_onnx_or_torch():
+    # `pcc --help` and argument errors must answer at once; onnx alone takes ~0.7 s to import
+    code = (
+        "import sys; from pcc.compiler import cli; cli.build_parser().parse_args(['compile', 'm.onnx', '--sparsity', '0.5']);"
+        "heavy = sorted(m for m in ('onnx', 'torch', 'onnx_ir', 'onnxruntime', 'tvm', 'torch_geometric') if m in sys.modules);"
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

@@ -2,11 +2,17 @@
 
 Exporters write attention in many layouts (fused or separate Q/K/V projections, heads merged with the
 batch axis, keys transposed before or after the head split), but every unfused export computes the same
-core: MatMul(Q, Kᵀ) → [scale] → [mask] → Softmax → MatMul(·, V). onnxscript patterns find that core;
-from its operands pcc walks back through pure data movement to the Q/K/V projections, and forward from
-the context to the output projection, the residual Add and the norm. Fused attention ops (opset-23
-`Attention`, `com.microsoft` `Attention`/`MultiHeadAttention`/`GroupQueryAttention`) are recorded from
-their attributes; pcc does not rewrite them.
+core: MatMul(Q, Kᵀ) → [scale] → [mask] → Softmax → [NaN guard] → MatMul(·, V). onnxscript patterns find
+that core (torch's SDPA decomposition wraps the softmax in Where(IsNaN(p), 0, p) for boolean masks and
+scales Q and K by sqrt(scale) each, possibly by a factor computed from the input's shape); from its
+operands pcc walks back through pure data movement (grouped-query K/V repeats included) to the Q/K/V
+projections, and forward from the context to the output projection, the residual Add and the norm.
+
+Fused attention ops are blocks too: `com.microsoft` `Attention` (one packed [E, 3·E] QKV weight, what
+onnxruntime's transformer optimizer emits for BERT), `com.microsoft` `MultiHeadAttention` and opset-23
+`Attention` (separate Q/K/V projections feeding them). Their heads are pruned by the channel rules of
+`fused_attention` (slicing the packed weight or the projections, rewriting `num_heads`). They have no
+probabilities tensor, so token pruning and SpAtten cannot rewrite them. `GroupQueryAttention` is listed.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ __all__ = [
 ]
 
 # ops that only move elements: a chain of them between a projection and the core keeps every value
-MOVEMENT_OPS = frozenset("Reshape Transpose Squeeze Unsqueeze Gather Slice Split Identity Flatten".split())
+# (Expand repeats grouped-query key/value heads to the query heads: every value is still one of its input's)
+MOVEMENT_OPS = frozenset("Reshape Transpose Squeeze Unsqueeze Gather Slice Split Identity Flatten Expand".split())
 _FUSED_OPS = {
     ("", "Attention"): "q_num_heads",
     ("com.microsoft", "Attention"): "num_heads",
@@ -41,8 +48,8 @@ _FUSED_OPS = {
 }
 
 
-def _core_pattern(scale_op: str | None, mask_op: str | None) -> pattern.Pattern:
-    def core(op, q, kt, v, scale, mask, fill):
+def _core_pattern(scale_op: str | None, mask_op: str | None, nan_guard: bool) -> pattern.Pattern:
+    def core(op, q, kt, v, scale, mask, fill, zero):
         scores = op.MatMul(q, kt)
         if scale_op is not None:
             scores = getattr(op, scale_op)(scores, scale)
@@ -52,12 +59,18 @@ def _core_pattern(scale_op: str | None, mask_op: str | None) -> pattern.Pattern:
             scores = op.Where(mask, scores, fill)
         elif mask_op == "WhereNot":  # masked_fill: fill where the mask holds
             scores = op.Where(mask, fill, scores)
-        return op.MatMul(op.Softmax(scores), v)
+        probabilities = op.Softmax(scores)
+        if nan_guard:  # torch's SDPA: rows whose keys are all masked give NaN, replaced by 0
+            probabilities = op.Where(op.IsNaN(probabilities), zero, probabilities)
+        return op.MatMul(probabilities, v)
 
-    return pattern.Pattern(core, name=f"attention_core(scale={scale_op}, mask={mask_op})")
+    return pattern.Pattern(core, name=f"attention_core(scale={scale_op}, mask={mask_op}, nan_guard={nan_guard})")
 
 
-_CORE_PATTERNS = [_core_pattern(s, m) for s, m in itertools.product((None, "Mul", "Div"), (None, "Add", "Where", "WhereNot"))]
+_CORE_PATTERNS = [
+    _core_pattern(s, m, g)
+    for g, s, m in itertools.product((False, True), (None, "Mul", "Div"), (None, "Add", "Where", "WhereNot"))
+]
 
 
 @dataclass(frozen=True)
@@ -73,13 +86,17 @@ class AttentionCore:
     mask: ir.Value | None  # the additive mask or Where condition
 
 
-def _is_scalar_constant(value: ir.Value) -> bool:
-    return value.const_value is not None and value.const_value.size == 1
+def _is_scalar(value: ir.Value) -> bool:
+    """One element: a constant, or a factor computed at run time whose shape is all ones (the legacy
+    exporter's sqrt(1/sqrt(d)) from the query's Shape)."""
+    if value.const_value is not None:
+        return value.const_value.size == 1
+    return value.shape is not None and all(d == 1 for d in value.shape)
 
 
 def _strip_scaling(value: ir.Value) -> ir.Value:
-    """The operand before any Mul/Div by a scalar constant (exporters scale Q and K by d**-0.25 each)."""
-    while (node := value.producer()) is not None and node.op_type in ("Mul", "Div") and _is_scalar_constant(node.inputs[1]):
+    """The operand before any Mul/Div by a scalar (exporters scale Q and K by d**-0.25 each)."""
+    while (node := value.producer()) is not None and node.op_type in ("Mul", "Div") and _is_scalar(node.inputs[1]):
         value = node.inputs[0]
     return value
 
@@ -93,7 +110,7 @@ def find_attention_cores(model: ir.Model) -> list[AttentionCore]:
         for core_pattern in _CORE_PATTERNS:
             match = core_pattern.match(model, model.graph, node, check_nodes_are_removable=False)
             if match:
-                softmax = node.inputs[0].producer()
+                softmax = next(n for n in match.nodes if n.op_type == "Softmax")
                 scores = next(n for n in match.nodes if n.op_type == "MatMul" and n is not node)
                 cores.append(
                     AttentionCore(
@@ -169,6 +186,7 @@ class AttentionBlock:
     norm: str | None  # the LayerNormalization right after the residual Add (post-norm) or before Q (pre-norm)
     weights: tuple[str, ...] = ()  # the Q/K/V projection weights (one if fused): what makes a group "heads"
     fused_op: str | None = None  # "domain:op" of a fused attention node
+    kv_heads: int = 0  # key/value heads: fewer than `heads` for grouped-query attention; 0 where unknown
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -189,8 +207,8 @@ class AttentionBlocks:
     def summary(self) -> str:
         if not self.blocks:
             return "none"
-        shapes = sorted({(b.heads, b.head_dim) for b in self.blocks})
-        kinds = ", ".join(f"{h} heads x {d}" for h, d in shapes)
+        shapes = sorted({(b.heads, b.kv_heads, b.head_dim) for b in self.blocks})
+        kinds = ", ".join(f"{h} heads" + (f" ({k} key/value)" if k and k != h else "") + f" x {d}" for h, k, d in shapes)
         return f"{len(self.blocks)} blocks ({kinds})"
 
 
@@ -228,6 +246,11 @@ def _block_from_core(core: AttentionCore) -> AttentionBlock:
         heads = features // head_dim
     elif context_shape is not None and len(context_shape) == 4:
         heads = context_shape[-3]
+    kv_heads = None
+    key_weight = projections[1].inputs[1].const_value if projections[1] is not None else None
+    if key_weight is not None and isinstance(head_dim, int) and head_dim:
+        trans_b = projections[1].op_type == "Gemm" and projections[1].attributes.get_int("transB", 0)
+        kv_heads = key_weight.shape[0 if trans_b else 1] // head_dim
     residual, norm = _residual_and_norm(output, projections[0])
     return AttentionBlock(
         name=core.softmax.name,
@@ -243,21 +266,55 @@ def _block_from_core(core: AttentionCore) -> AttentionBlock:
         residual=residual,
         norm=norm,
         weights=tuple(dict.fromkeys(p.inputs[1].name for p in projections if p is not None)),
+        kv_heads=kv_heads or (heads if isinstance(heads, int) else 0),
     )
 
 
+def _dim(value: ir.Value | None, axis: int) -> int | None:
+    if value is None or value.shape is None or len(value.shape) <= abs(axis) - (axis < 0):
+        return None
+    dim = value.shape[axis]
+    return dim if isinstance(dim, int) else None
+
+
 def _fused_block(node: ir.Node, heads_attribute: str) -> AttentionBlock:
+    """A fused op's block: heads from its attributes (or its 4-D inputs), its weights, and around it the
+    output projection, residual and norm found as for an unfused core."""
+    op = f"{node.domain or 'ai.onnx'}:{node.op_type}"
     heads = node.attributes.get_int(heads_attribute, 0)
-    query_shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
-    head_dim = 0
-    if query_shape is not None and isinstance(query_shape[-1], int):
-        head_dim = query_shape[-1] if len(query_shape) == 4 else query_shape[-1] // max(heads, 1)
-        if len(query_shape) == 4 and isinstance(query_shape[1], int):
-            heads = heads or query_shape[1]
+    kv_heads = node.attributes.get_int("kv_num_heads", 0)
+    query = node.inputs[0] if node.inputs else None
+    head_dim, projections, weights = 0, [None, None, None], ()
+    if op == "com.microsoft:Attention":  # x → packed [E, Q+K+V] projection inside the op
+        weight = node.inputs[1]
+        sizes = node.attributes.get_ints("qkv_hidden_sizes", None)
+        features = _dim(weight, 1)
+        q_size = sizes[0] if sizes else (features // 3 if features else None)
+        head_dim = q_size // heads if q_size and heads else 0
+        projections = [node, node, node]
+        weights = (weight.name,) if _is_weight(weight) else ()
+    elif node.op_type in ("Attention", "MultiHeadAttention"):  # Q, K, V projected outside the op
+        rank = len(query.shape) if query is not None and query.shape is not None else 0
+        if rank == 4:  # [batch, heads, length, head_dim]
+            heads = heads or (_dim(query, 1) or 0)
+            kv_heads = kv_heads or (_dim(node.inputs[1], 1) or 0)
+            head_dim = _dim(query, 3) or 0
+        elif rank == 3 and heads:
+            head_dim = (_dim(query, 2) or 0) // heads
+        projections = [_projection_of(movement_source(v)[0]) if v is not None else None for v in node.inputs[:3]]
+        weights = tuple(dict.fromkeys(p.inputs[1].name for p in projections if p is not None))
+    elif query is not None and heads:  # GroupQueryAttention: listed only
+        head_dim = (_dim(query, -1) or 0) // heads
+    output, _ = output_chain(node.outputs[0])
+    residual, norm = _residual_and_norm(output, projections[0])
     return AttentionBlock(
-        name=node.name, heads=heads, head_dim=head_dim, query=None, key=None, value=None, output=None,
-        softmax=None, probabilities=None, mask=None, residual=None, norm=None,
-        fused_op=f"{node.domain or 'ai.onnx'}:{node.op_type}",
+        name=node.name, heads=heads, head_dim=head_dim,
+        query=projections[0].name if projections[0] else None,
+        key=projections[1].name if projections[1] else None,
+        value=projections[2].name if projections[2] else None,
+        output=output.name if output is not None else None,
+        softmax=None, probabilities=None, mask=None, residual=residual, norm=norm,
+        weights=weights, fused_op=op, kv_heads=kv_heads or heads,
     )
 
 
@@ -284,7 +341,7 @@ class FindAttentionBlocks(ir.passes.InPlacePass):
         blocks = find_attention_blocks(model)
         if self.required_by and not any(b.weights for b in blocks.blocks):
             fused = sorted({b.fused_op for b in blocks.blocks if b.fused_op})
-            found = f"only fused attention ops ({', '.join(fused)}), which pcc does not rewrite" if fused else "none"
+            found = f"only fused attention ops pcc cannot rewrite ({', '.join(fused)})" if fused else "none"
             raise InvalidRequestError(
                 f"{self.required_by} needs multi-head attention, but the model has no MatMul -> Softmax -> MatMul "
                 f"attention core with Q/K/V projections (found: {found})"

@@ -880,6 +880,11 @@ CHANNEL_RULES: dict[str, OpRule] = {
 
 def rule_for(node: ir.Node) -> OpRule | None:
     """The channel rule of a node, or None: the node is a barrier."""
+    from pcc.passes.analysis.fused_attention import FUSED_ATTENTION_RULES  # fused attention ops; it imports this module
+
+    fused = FUSED_ATTENTION_RULES.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+    if fused is not None:
+        return fused
     if node.domain not in ("", "ai.onnx"):
         return None
     return CHANNEL_RULES.get(node.op_type)

@@ -11,6 +11,14 @@ Which canonical chain a given export equals is read off, not guessed: the model 
 onnxruntime with each chain's input replaced by its own element indices, and the chain's output says
 where every element went. A chain whose elements do not move as heads (a layout pcc does not know) is
 left alone, and its heads stay unprunable.
+
+Two layouts are rewritten from their shapes before any probing. Grouped-query attention repeats each
+key/value head for its query heads with Unsqueeze → Expand → Reshape whose targets torch's exporter
+computes at run time; the shapes inferred for them give equivalent constant targets ([1, .., g, ..] and
+[0, H, -1, d]), which the channel rules follow (a key/value head and its query heads become one unit).
+torch's SDPA decomposition transposes K as Reshape([B·H, S, d]) → Transpose → Reshape([B, H, d, S]),
+which equals one Transpose of the last two axes, as it becomes. And a head-merging Reshape whose output
+shape onnx's inference left open (legacy exports: [0, 0, -1] from a symbolic-length input) gets it.
 """
 
 from __future__ import annotations
@@ -40,15 +48,137 @@ class _Chain:
 
 
 def _is_canonical(chain: list[ir.Node]) -> bool:
-    """At most a Slice/Split, one Reshape with a constant target, and Transposes."""
+    """At most a Slice/Split, one head-splitting Reshape with a constant target, Transposes, and the
+    Unsqueeze → Expand → Reshape of a grouped-query repeat (constant targets)."""
     kinds = [node.op_type for node in chain]
-    reshapes = [node for node in chain if node.op_type == "Reshape"]
+    shaping = [node for node in chain if node.op_type in ("Reshape", "Expand")]
+    repeats = [node for node in chain if node.op_type == "Reshape" and node.inputs[0].producer() in chain
+               and node.inputs[0].producer().op_type == "Expand"]
     return (
-        len(reshapes) <= 1
-        and all(node.inputs[1].const_value is not None for node in reshapes)
-        and set(kinds) <= {"Reshape", "Transpose", "Slice", "Split"}
+        sum(node.op_type == "Reshape" for node in chain) - len(repeats) <= 1
+        and all(node.inputs[1].const_value is not None for node in shaping)
+        and set(kinds) <= {"Reshape", "Transpose", "Slice", "Split", "Unsqueeze", "Expand"}
         and kinds.count("Slice") + kinds.count("Split") <= 1
     )
+
+
+def _same(a, b) -> bool:
+    """Two dims known to be equal: the same number, or the same named symbolic size."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a is not None and b is not None and a.value is not None and a.value == b.value
+
+
+def _static_expand_target(node: ir.Node) -> np.ndarray | None:
+    """Expand to an inferred shape as a constant target: 1 where the input already has the size."""
+    x, y = node.inputs[0].shape, node.outputs[0].shape
+    if x is None or y is None or len(x) != len(y):
+        return None
+    target = []
+    for before, after in zip(x, y):
+        if _same(before, after):
+            target.append(1)
+        elif before == 1 and isinstance(after, int):
+            target.append(after)
+        else:
+            return None
+    return np.asarray(target, dtype=np.int64)
+
+
+def _static_reshape_target(x: ir.Shape | None, y: ir.Shape | None) -> np.ndarray | None:
+    """Reshape to an inferred shape as a constant target: numbers, 0 where the input has the same size at
+    that position, and -1 for at most one remaining (symbolic) size."""
+    if x is None or y is None:
+        return None
+    target = []
+    for position, after in enumerate(y):
+        if isinstance(after, int):
+            target.append(after)
+        elif position < len(x) and _same(x[position], after):
+            target.append(0)
+        else:
+            target.append(-1)
+    return np.asarray(target, dtype=np.int64) if target.count(-1) <= 1 else None
+
+
+def _constant_repeat_targets(graph: ir.Graph, operand: ir.Value) -> bool:
+    """Give a grouped-query repeat (Expand, then the Reshape merging the repeats) constant targets."""
+    modified = False
+    for node in movement_source(operand)[1]:
+        if node.op_type != "Expand" or node.inputs[1].const_value is not None:
+            continue
+        target = _static_expand_target(node)
+        users = [use.node for use in node.outputs[0].uses()]
+        merge = users[0] if len(users) == 1 and users[0].op_type == "Reshape" else None
+        merge_target = _static_reshape_target(node.outputs[0].shape, merge.outputs[0].shape) if merge else None
+        if target is None or merge_target is None:
+            continue
+        node.replace_input_with(1, _constant(graph, f"{node.name}_static_target", target))
+        if merge.inputs[1].const_value is None:
+            merge.replace_input_with(1, _constant(graph, f"{merge.name}_static_target", merge_target))
+            merge.attributes.pop("allowzero", None)
+        modified = True
+    return modified
+
+
+def _fold_key_transpose(graph: ir.Graph, key: ir.Value) -> bool:
+    """Reshape([B·H, S, d]) → Transpose(0, 2, 1) → Reshape([B, H, d, S]) on [B, H, S, d] → one Transpose."""
+    split = key.producer()
+    transpose = split.inputs[0].producer() if split is not None and split.op_type == "Reshape" else None
+    merge = transpose.inputs[0].producer() if transpose is not None and transpose.op_type == "Transpose" else None
+    if merge is None or merge.op_type != "Reshape" or tuple(transpose.attributes.get_ints("perm", ())) != (0, 2, 1):
+        return False
+    x, merged, y = merge.inputs[0].shape, merge.outputs[0].shape, key.shape
+    if x is None or merged is None or y is None or (len(x), len(merged), len(y)) != (4, 3, 4):
+        return False
+    if not (_same(merged[1], x[2]) and _same(merged[2], x[3]) and _same(y[0], x[0]) and _same(y[1], x[1])
+            and _same(y[2], x[3]) and _same(y[3], x[2])):
+        return False
+    folded = _add(graph, split, "Transpose", [merge.inputs[0]], f"{split.name}_as_transpose", list(y), key.dtype,
+                  perm=[0, 1, 3, 2])
+    ir.convenience.replace_all_uses_with(key, folded)
+    return True
+
+
+def _complete_reshape_shapes(chain: list[ir.Node]) -> bool:
+    """Output shapes of constant-target Reshapes that shape inference left open (onnx names such a dim
+    `unk__N`): 0 entries copy the input's size, and -1 is a number when every other input size is."""
+    modified = False
+    for node in (n for n in chain if n.op_type == "Reshape"):
+        y, x, target = node.outputs[0], node.inputs[0].shape, node.inputs[1].const_value
+        if target is None or x is None or (y.shape is not None and all(isinstance(d, int) for d in y.shape)):
+            continue
+        entries = [int(e) for e in target.numpy()]
+        dims = [x[i] if e == 0 else e for i, e in enumerate(entries)]
+        copied = {i for i, e in enumerate(entries) if e == 0}
+        rest = [d for i, d in enumerate(x) if i not in copied]
+        if entries.count(-1) != 1 or not all(isinstance(d, int) for d in rest):
+            continue
+        known = int(np.prod([d for d in dims if isinstance(d, int) and d != -1]))
+        dims[entries.index(-1)] = int(np.prod(rest)) // known
+        if y.shape is None or list(y.shape) != dims:
+            y.shape = ir.Shape(dims)
+            modified = True
+    return modified
+
+
+def _normalise_operands(model: ir.Model) -> bool:
+    """The shape-based rewrites above, on every core's and fused op's operands and context."""
+    graph, modified = model.graph, False
+    operands, contexts = [], []
+    for core in find_attention_cores(model):
+        operands += [core.query, core.key, core.value]
+        contexts.append(core.context.outputs[0])
+    for node in graph:
+        if node.op_type in ("Attention", "MultiHeadAttention") and node.domain in ("", "ai.onnx", "com.microsoft"):
+            operands += [v for v in node.inputs[:3] if v is not None]
+            contexts.append(node.outputs[0])
+    for operand in operands:
+        modified |= _constant_repeat_targets(graph, operand)
+        modified |= _fold_key_transpose(graph, operand)
+    for context in contexts:
+        modified |= _complete_reshape_shapes(output_chain(context)[1])
+    return modified
 
 
 def _chains(model: ir.Model) -> list[_Chain]:
@@ -214,11 +344,13 @@ class CanonicalAttentionLayout(ir.passes.InPlacePass):
     """Transform: head split/merge chains of attention blocks as Slice/Reshape/Transpose the channel rules follow."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = _normalise_operands(model)
+        if modified:
+            common_passes.RemoveUnusedNodesPass()(model)
         chains = _chains(model)
         if not chains:
-            return ir.passes.PassResult(model, False)
+            return ir.passes.PassResult(model, modified)
         probed = _probe(model, chains)
-        modified = False
         for number, chain in enumerate(chains):
             if chain.end.name not in probed:
                 continue

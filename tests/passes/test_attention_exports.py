@@ -1,0 +1,193 @@
+"""Attention in today's common exports: torch's SDPA through the dynamo and legacy exporters (additive and
+boolean masks), opset-23 `Attention`, onnxruntime's fused `com.microsoft` `Attention`, grouped-query
+attention, and transformers' BERT with `attn_implementation="sdpa"`. For each: every block is found with
+its heads, and removing half of the heads gives a valid model equal to the dense torch model with those
+heads' output-projection inputs zeroed; where the graph keeps a softmax and a symbolic sequence, token
+pruning runs too."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcc.compiler import from_proto, from_torch
+from pcc.compiler.pipeline import analysis_pipeline, channel_pruning_pipeline
+from pcc.passes.allocation import Allocation
+from pcc.passes.analysis import DependencyGroups
+from pcc.passes.analysis.attention import AttentionBlocks
+from pcc.passes.analysis.fused_attention import InferContribShapes
+from pcc.passes.analysis.shapes import InferMissingShapes
+from pcc.passes.transforms.prune_tokens import PruneTokens
+from tests.conftest import max_relative_difference, run_onnx
+
+HIDDEN, HEADS, LAYERS = 32, 4, 2
+
+
+class _Layer(torch.nn.Module):
+    """A post-norm BERT layer on F.scaled_dot_product_attention; `kv_heads` < HEADS: grouped-query."""
+
+    def __init__(self, kv_heads: int) -> None:
+        super().__init__()
+        self.kv_heads, self.head_dim = kv_heads, HIDDEN // HEADS
+        self.q = torch.nn.Linear(HIDDEN, HIDDEN)
+        self.k = torch.nn.Linear(HIDDEN, kv_heads * self.head_dim)
+        self.v = torch.nn.Linear(HIDDEN, kv_heads * self.head_dim)
+        self.o = torch.nn.Linear(HIDDEN, HIDDEN)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(HIDDEN), torch.nn.LayerNorm(HIDDEN)
+        self.up, self.down = torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.Linear(2 * HIDDEN, HIDDEN)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        q = self.q(x).view(b, length, HEADS, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        gqa = {"enable_gqa": True} if self.kv_heads != HEADS else {}
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        x = self.norm1(x + self.o(context.transpose(1, 2).reshape(b, length, -1)))
+        return self.norm2(x + self.down(F.gelu(self.up(x))))
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, boolean_mask: bool = False, kv_heads: int = HEADS, square_mask: bool = False) -> None:
+        super().__init__()
+        self.boolean_mask, self.square_mask = boolean_mask, square_mask
+        self.layers = torch.nn.ModuleList(_Layer(kv_heads) for _ in range(LAYERS))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        keep = keep[:, None, None, :]
+        if self.square_mask:  # [batch, 1, queries, keys]: onnxruntime's opset-23 Attention broadcasts no query axis
+            keep = keep.expand(-1, -1, keep.shape[-1], -1)
+        mask = keep.bool() if self.boolean_mask else (1.0 - keep.float()) * -10000.0
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(2, 7)
+    keep[1, 5:] = 0  # padding in the second sequence
+    return x, keep
+
+
+def _legacy(module: torch.nn.Module, inputs, names: list[str], opset: int = 17) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    torch.onnx.export(module, inputs, buffer, dynamo=False, input_names=names, dynamic_axes=axes, opset_version=opset)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _ort_fused(module: torch.nn.Module, inputs, names: list[str], tmp_path) -> onnx.ModelProto:
+    """What many shipped BERT files are: the legacy export fused by onnxruntime's transformer optimizer."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    path = tmp_path / "legacy.onnx"
+    onnx.save(_legacy(module, inputs, names), path)
+    return optimize_model(str(path), model_type="bert", num_heads=HEADS, hidden_size=HIDDEN, opt_level=0).model
+
+
+def _prepare(model: ir.Model) -> ir.Model:
+    InferContribShapes()(model)  # what preparation does for graphs with com.microsoft ops
+    return model
+
+
+def _removed_heads(groups: DependencyGroups, removed: np.ndarray, analysed: ir.Model, output_node: str, head_dim: int):
+    node = next(n for n in analysed.graph if n.name == output_node)
+    weight = node.inputs[1]
+    features = weight.const_value.shape[0]
+    kept = groups.kept_indices(removed).get((weight.name, 0), np.arange(features))
+    gone = np.setdiff1d(np.arange(features), kept)
+    assert len(gone) % head_dim == 0
+    return sorted(set((gone // head_dim).tolist()))
+
+
+def _check_heads(proto: onnx.ModelProto, feeds: dict, projections, reference, *, blocks: int, heads: int = HEADS,
+                 kv_heads: int = HEADS, head_dim: int = HIDDEN // HEADS, fused: str | None = None) -> ir.Model:
+    """Blocks found; half of the heads removed == the torch model with their output-projection inputs zeroed.
+
+    `projections` are the torch output projections (nn.Linear) in block order; `reference` runs the torch
+    model. Returns the dense model as analysed (for further checks)."""
+    analysed = analysis_pipeline().run(_prepare(from_proto(proto)))
+    found = analysed.get(AttentionBlocks).blocks
+    assert [(b.heads, b.kv_heads, b.head_dim, b.fused_op) for b in found] == [(heads, kv_heads, head_dim, fused)] * blocks
+    assert all(None not in (b.query, b.key, b.value, b.output) for b in found)
+    head_groups = [g for g in analysed.get(DependencyGroups).groups if g.kind == "heads"]
+    assert [g.num_units for g in head_groups] == [kv_heads] * blocks, "a unit: one key/value head and its query heads"
+
+    pipeline = channel_pruning_pipeline(0.5, prune=("heads",), importance="random", round_to=1)
+    pipeline.insert(pipeline.index(InferMissingShapes), InferContribShapes())
+    result = pipeline.run(from_proto(proto))
+    pruned = ir.serde.serialize_model(result.model)
+    onnx.checker.check_model(pruned, full_check=fused is None or fused.startswith("ai.onnx"))
+    groups, removed = result.get(DependencyGroups), result.get(Allocation).removed
+    group = heads // kv_heads
+    with torch.no_grad():
+        for block, projection in zip(found, projections):
+            gone = _removed_heads(groups, removed, analysed.model, block.output, block.head_dim)
+            assert len(gone) == heads // 2
+            units = {h // group for h in gone}
+            assert gone == [h for unit in sorted(units) for h in range(unit * group, (unit + 1) * group)], "whole groups"
+            for head in gone:
+                projection.weight[:, head * head_dim : (head + 1) * head_dim] = 0.0
+        expected = reference()
+    (actual,) = run_onnx(pruned, feeds)[:1]
+    assert actual.shape == expected.shape
+    assert max_relative_difference([actual], [expected]) <= 1e-5
+    return analysed.model
+
+
+def _check_tokens(proto: onnx.ModelProto, feeds: dict) -> None:
+    """Cascade token pruning rewrites every block (keep 1, 1/2: the second layer sees half the tokens)."""
+    result = analysis_pipeline().run(from_proto(proto))
+    PruneTokens(keep=(1.0, 0.5))(result.model)
+    (hidden,) = run_onnx(result.model, feeds)[:1]
+    length = next(iter(feeds.values())).shape[1]
+    assert hidden.shape[:2] == (2, length // 2)
+
+
+def _encoder_case(module: _Encoder, proto: onnx.ModelProto, names: list[str], **expected) -> None:
+    x, keep = _inputs()
+    feeds = dict(zip(names, (x.numpy(), keep.numpy())))
+    dense = run_onnx(proto, feeds)[0]
+    with torch.no_grad():
+        assert max_relative_difference([dense], [module(x, keep).numpy()]) <= 1e-5
+    _check_heads(proto, feeds, [layer.o for layer in module.layers], lambda: module(x, keep).numpy(), blocks=LAYERS, **expected)
+    if expected.get("fused") is None:
+        _check_tokens(proto, feeds)
+
+
+@pytest.mark.parametrize("boolean_mask", [False, True], ids=["additive-mask", "boolean-mask"])
+def test_sdpa_dynamo(boolean_mask):
+    torch.manual_seed(0)
+    module = _Encoder(boolean_mask).eval()
+    model = from_torch(module, _inputs(), input_names=["x", "keep"], dynamic_batch=True, dynamic_sequence=True)
+    _encoder_case(module, ir.serde.serialize_model(model), ["x", "keep"])
+
+
+@pytest.mark.parametrize("boolean_mask", [False, True], ids=["additive-mask", "boolean-mask"])
+def test_sdpa_legacy_exporter(boolean_mask):
+    torch.manual_seed(0)
+    module = _Encoder(boolean_mask).eval()
+    _encoder_case(module, _legacy(module, _inputs(), ["x", "keep"]), ["x", "keep"])
+
+
+def test_opset23_attention_op():
+    torch.manual_seed(0)
+    module = _Encoder(square_mask=True).eval()
+    model = from_torch(module, _inputs(), input_names=["x", "keep"], dynamic_batch=True, dynamic_sequence=True, opset_version=23)
+    proto = ir.serde.serialize_model(model)
+    assert sum(n.op_type == "Attention" for n in proto.graph.node) == LAYERS
+    _encoder_case(module, proto, ["x", "keep"], fused="ai.onnx:Attention")
+
+
+def test_grouped_query_attention():
+    torch.manual_seed(0)
+    module = _Encoder(kv_heads=2).eval()
+    model = from_torch(module, _inputs(), input_names=["x", "keep"], dynamic_batch=True, dynamic_sequence=True)
+    _encoder_case(module, ir.serde.serialize_model(model), ["x", "keep"], kv_heads=2)

@@ -1,7 +1,8 @@
 """Lowering a (pruned, sparsified) IR model to a TVM Relax executable.
 
 1. Import: every input's shape fixed (the kernels below are specialised per shape; symbolic axes get the
-   sizes the caller gives) and the shape arithmetic that hangs off them folded by onnxscript's optimizer,
+   sizes the caller gives) and the shape arithmetic that hangs off them folded (`specialise_shapes`, shared
+   with the analysis of symbolic axes, then onnxscript's optimizer),
    then `tvm.relax.frontend.onnx.from_onnx`, then `FoldConstant`, which turns the frontend's transposed
    Gemm weights into plain constants.
 2. Substitute: every matmul of two activations with static, equal batch axes (attention's Q x K^T and
@@ -32,6 +33,7 @@ import onnx_ir as ir
 
 from pcc.backends.tvm.host import use_all_cores
 from pcc.compiler.errors import UnsupportedModelError
+from pcc.passes.analysis.shapes import specialise_shapes
 
 __all__ = ["LayerKernel", "Lowered", "lower", "import_relax", "COST_CACHE"]
 
@@ -67,29 +69,19 @@ class Lowered:
         return text
 
 
-def specialise_shapes(model: ir.Model, input_shapes: dict[str, list[int]]) -> ir.Model:
-    """A copy of `model` with its inputs' shapes fixed and everything computable from them folded.
-
-    Exporters with symbolic axes (a transformer's sequence length) compute reshape targets at run time:
-    Shape -> Gather -> Concat -> Reshape(x, [b, s, -1]). TVM's frontend loses the shape through such a
-    chain and then refuses the `-1`; with the sizes known, the chain is a constant."""
-    import onnxscript.optimizer
-
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    for value in copy.graph.inputs:
-        if value.name in input_shapes:
-            value.shape = ir.Shape(input_shapes[value.name])
-    onnxscript.optimizer.optimize(copy)
-    return copy
-
-
 def import_relax(model: ir.Model, input_shapes: dict[str, list[int]]):
     """The Relax module of `model` at `input_shapes`, or a one-line error naming the ops TVM's ONNX frontend lacks."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    proto = ir.serde.serialize_model(specialise_shapes(model, input_shapes))
+    import onnxscript.optimizer
+
+    # TVM's frontend loses shapes through run-time shape arithmetic (Shape -> Gather -> Concat -> Reshape(x,
+    # [b, s, -1])) and then refuses the -1: with the sizes fixed, the chain is a constant
+    specialised = specialise_shapes(model, input_shapes)
+    onnxscript.optimizer.optimize(specialised)
+    proto = ir.serde.serialize_model(specialised)
     try:
         module = from_onnx(proto, shape_dict=input_shapes, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as exc:

@@ -1,0 +1,197 @@
+"""Symbolic axes: analyse at representative sizes, keep the model's dynamic axes.
+
+Exporters with a symbolic batch or sequence (the legacy TorchScript exporter above all) compute shapes at
+run time: a ViT's class token is `Expand(cls, Where(Equal(Concat(Gather(Shape(x), 0), -1, -1), -1), ...))`,
+an attention's head split reshapes to `Concat(b, n, 3, h, Div(Gather(Shape(x), 2), h))`. onnx's shape
+inference gives up on such chains, so values lose their channel sizes and the channel analysis stops
+("cannot resolve a channel dimension").
+
+`specialise_shapes` makes a copy with every input's shape fixed and folds all of that arithmetic
+(onnxscript's folder, with shape inference, nothing exempt). Pruning that copy and then trying to undo the
+specialisation (putting symbolic axes back and guessing which folded constants meant "the batch") is
+fragile: with batch 1, a 1 in a folded target may be the batch or a broadcast axis. So
+`ResolveSymbolicShapes` never prunes a specialised copy. It specialises *two* copies, at the
+representative sizes and at twice them, and compares them, then annotates the *original* graph:
+
+- a value's axis whose size is the same in both copies is static (a channel count): it gets that size;
+  an axis whose size changed keeps a symbolic dim, named after the input axis it equals in both copies
+  (so the sequence axis stays one name through the graph, which token pruning relies on);
+- a small integer or float tensor computed at run time that is equal in both copies (a head dim
+  `C // h`, a scale `d ** -0.5`) becomes a constant: it encodes channel counts, and pruning must see and
+  rewrite it (or keep the dense model's value) rather than recompute it from pruned shapes;
+- a Reshape target computed at run time becomes a constant: static entries stay, an entry equal to the
+  reshaped input's own size at that position in both copies becomes 0 ("copy it"), and at most one other
+  size-dependent entry becomes -1 (what `static_reshape_targets.py` does for targets it can prove from
+  the graph, here for any arithmetic, by evaluation).
+
+Everything else that depends on the sizes (an Expand to the batch, a Range over the length) stays the
+graph's own run-time computation, so the pruned model still runs at any batch and length. The sizes are
+batch 1 and `length` for other symbolic axes, or the user's `input_shapes` (`--input-shape`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from pcc.passes.analysis.shapes import has_symbolic_inputs, representative_shapes, specialise_shapes
+
+__all__ = ["ResolveSymbolicShapes"]
+
+_SMALL = 64  # run-time tensors up to this many elements are shape arithmetic worth freezing
+
+
+def _values(model: ir.Model) -> dict[str, ir.Value]:
+    found = {v.name: v for v in model.graph.initializers.values()}
+    found.update((v.name, v) for node in model.graph for v in node.outputs if v.name)
+    return found
+
+
+def _static_dims(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.shape is None or not all(isinstance(d, int) for d in value.shape):
+        return None
+    return list(value.shape)
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None or value.const_value is None else value.const_value.numpy()
+
+
+@dataclass
+class _Copies:
+    """The model at two sets of sizes (the second twice the first on every symbolic axis)."""
+
+    first: dict[str, ir.Value]
+    second: dict[str, ir.Value]
+    symbols: dict[tuple[int, int], ir.SymbolicDim | None]  # (size in first, size in second) -> the input's dim
+
+    def pair(self, name: str) -> tuple[ir.Value | None, ir.Value | None]:
+        return self.first.get(name), self.second.get(name)
+
+    def dims(self, name: str) -> list[int | ir.SymbolicDim | None] | None:
+        """The value's shape: static sizes where both copies agree, else the matching input symbol (or None)."""
+        a, b = (_static_dims(v) for v in self.pair(name))
+        if a is None or b is None or len(a) != len(b):
+            return None
+        return [x if x == y else self.symbols.get((x, y)) for x, y in zip(a, b)]
+
+
+@dataclass
+class ResolveSymbolicShapes(ir.passes.InPlacePass):
+    """Transform: static channel sizes, constant shape arithmetic and constant Reshape targets for a model
+    with symbolic input axes, found by specialising two copies (the model keeps its dynamic axes)."""
+
+    batch: int = 1
+    length: int = 128
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not has_symbolic_inputs(model):
+            return ir.passes.PassResult(model, False)
+        copies = self._specialise(model)
+        modified = self._annotate_shapes(model, copies)
+        modified |= self._freeze_shape_arithmetic(model, copies)
+        modified |= self._constant_reshape_targets(model, copies)
+        if modified:
+            common_passes.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified)
+
+    def _specialise(self, model: ir.Model) -> _Copies:
+        first = representative_shapes(model, self.batch, self.length, self.input_shapes)
+        second = {}
+        symbols: dict[tuple[int, int], ir.SymbolicDim | None] = {}
+        for value in model.graph.inputs:
+            dims = first[value.name]
+            doubled = [d if isinstance(s, int) else 2 * d for d, s in zip(dims, value.shape or [None] * len(dims))]
+            second[value.name] = doubled
+            for symbol, a, b in zip(value.shape or (), dims, doubled):
+                if not isinstance(symbol, int) and symbol.value is not None:
+                    known = symbols.setdefault((a, b), symbol)
+                    if known is not None and known.value != symbol.value:
+                        symbols[(a, b)] = None  # two symbols at the same sizes: cannot tell them apart
+        return _Copies(_values(specialise_shapes(model, first)), _values(specialise_shapes(model, second)), symbols)
+
+    @staticmethod
+    def _annotate_shapes(model: ir.Model, copies: _Copies) -> bool:
+        modified = False
+        for node in model.graph:
+            for value in node.outputs:
+                dims = copies.dims(value.name)
+                if dims is None or (value.shape is not None and len(value.shape) != len(dims)):
+                    continue
+                new = ir.Shape([d if d is not None else ir.SymbolicDim(None) for d in dims])
+                if value.shape is None or any(
+                    isinstance(n, int) != isinstance(o, int) or (isinstance(n, int) and n != o)
+                    or (not isinstance(n, int) and n.value is not None and n.value != o.value)
+                    for n, o in zip(new, value.shape)
+                ):
+                    value.shape = new
+                    if value.dtype is None:
+                        value.dtype = copies.first[value.name].dtype
+                    modified = True
+        return modified
+
+    @staticmethod
+    def _freeze_shape_arithmetic(model: ir.Model, copies: _Copies) -> bool:
+        """Small run-time tensors equal at both sizes (derived from static axes only) become initializers."""
+        modified = False
+        for node in list(model.graph):
+            if node.op_type == "Shape":
+                continue  # its consumers are frozen instead; a Shape's own output is dropped once unused
+            for value in node.outputs:
+                if value.const_value is not None or value.is_graph_output() or not value.uses():
+                    continue
+                a, b = (_const(v) for v in copies.pair(value.name))
+                if a is None or b is None or a.size > _SMALL or a.shape != b.shape or not np.array_equal(a, b):
+                    continue
+                constant = ir.Value(name=f"{value.name}_static", const_value=ir.tensor(a),
+                                    shape=ir.Shape(a.shape), type=ir.TensorType(ir.DataType.from_numpy(a.dtype)))
+                model.graph.register_initializer(constant)
+                value.replace_all_uses_with(constant)
+                modified = True
+        return modified
+
+    @staticmethod
+    def _constant_reshape_targets(model: ir.Model, copies: _Copies) -> bool:
+        modified = False
+        for node in list(model.graph):
+            if node.op_type != "Reshape" or node.inputs[1].const_value is not None:
+                continue
+            allowzero = node.attributes.get("allowzero")
+            if allowzero is not None and allowzero.value:
+                continue
+            targets = [_const(v) for v in copies.pair(node.inputs[1].name)]
+            inputs = [_static_dims(v) for v in copies.pair(node.inputs[0].name)]
+            if any(t is None for t in targets) or any(d is None for d in inputs):
+                continue
+            target = _size_free_target(targets[0], targets[1], inputs[0], inputs[1])
+            if target is None:
+                continue
+            constant = ir.Value(name=f"{node.name or 'reshape'}_static_target", const_value=ir.tensor(target),
+                                shape=ir.Shape(target.shape), type=ir.TensorType(ir.DataType.INT64))
+            model.graph.register_initializer(constant)
+            node.replace_input_with(1, constant)
+            modified = True
+        return modified
+
+
+def _size_free_target(first: np.ndarray, second: np.ndarray, x_first: list[int], x_second: list[int]) -> np.ndarray | None:
+    """One Reshape target valid at both sizes: the entries that do not change, 0 where the entry is the
+    input's own size at that position, and -1 for at most one other size-dependent entry."""
+    if first.shape != second.shape or first.ndim != 1:
+        return None
+    target = first.astype(np.int64).copy()
+    inferred = [p for p, (a, b) in enumerate(zip(first, second)) if a != b]
+    for p in list(inferred):
+        if p < len(x_first) and first[p] == x_first[p] and second[p] == x_second[p]:
+            target[p] = 0
+            inferred.remove(p)
+    if len(inferred) > 1 or (inferred and -1 in target):
+        return None
+    for p in inferred:
+        target[p] = -1
+    return target

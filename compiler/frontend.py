@@ -9,6 +9,14 @@ Import also normalises what every later pass would otherwise have to special-cas
 `CANONICAL_OPSET` are converted up (attributes such as Split sizes and Squeeze axes became inputs in
 opset 13), initializers listed as graph inputs (old exporters did that) stop being inputs, and every value
 gets a name.
+
+Files from other converters break in ways exports from torch do not, so import repairs what it can and
+refuses the rest before any pass runs (see `_repair_shapes` and `_check_weight_shapes`): paddle2onnx
+writes -1 for a dynamic dimension (invalid ONNX: onnx's checker then compares inferred sizes with it
+and fails on the written model), converters leave value_info from before their own rewrites (onnx's
+inference then fails on "inferred vs existing shape"), and a hand-edited or half-converted file can give
+a layer a weight that does not fit its input, which otherwise surfaces as an IndexError deep in
+pruning or an onnxruntime error after it.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ def from_proto(proto: onnx.ModelProto, source: str = "<model>", check: bool = Tr
     if check:
         _check(proto, source)
     proto = _convert_opset(proto, source)
+    inferred = _repair_shapes(proto)
+    _check_weight_shapes(inferred, source)
     return _normalise(ir.serde.deserialize_model(proto))
 
 
@@ -227,6 +237,74 @@ def _convert_opset(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     # old IR version, so raise it to the one the new opset needs.
     converted.ir_version = max(converted.ir_version, onnx.helper.find_min_ir_version_for(converted.opset_import))
     return converted
+
+
+def _repair_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Make the file's shape annotations consistent (in place) and return a shape-inferred copy.
+
+    Negative dimension values (paddle2onnx's -1 for "dynamic") become unknown dimensions. If onnx's
+    inference finds an annotation contradicting what it infers, the intermediate annotations are stale
+    (written before a converter rewrote the graph): they are dropped, and inference recomputes them.
+    """
+    graph = proto.graph
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.Clear()
+    try:
+        return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except onnx.shape_inference.InferenceError:
+        del graph.value_info[:]  # stale or conflicting; what is true is inferred again below
+    try:
+        return onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except onnx.shape_inference.InferenceError:
+        return proto  # custom ops onnx cannot read: the later passes infer what they can
+
+
+def _check_weight_shapes(proto: onnx.ModelProto, source: str) -> None:
+    """Refuse a layer whose constant weight does not fit its input's channels (the channel rules would
+    link spaces of different sizes, and onnxruntime could not run the model either)."""
+    graph = proto.graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            shapes[node.output[0]] = list(node.attribute[0].t.dims)
+    for info in [*graph.input, *graph.value_info]:
+        dims = info.type.tensor_type.shape.dim
+        if info.type.tensor_type.HasField("shape") and info.name not in shapes:
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    for node in graph.node:
+        expected = _weight_channels(node, shapes)
+        if expected is None:
+            continue
+        (data_axis, data_size), (weight_axis, weight_size) = expected
+        if data_size is not None and weight_size is not None and data_size != weight_size:
+            raise UnsupportedModelError(
+                f"{source}: {node.op_type} node '{node.name or node.output[0]}': its input '{node.input[0]}' has "
+                f"{data_size} channels (axis {data_axis}) but its weight '{node.input[1]}' expects {weight_size} "
+                f"(axis {weight_axis}); the file is inconsistent: re-export or re-convert the model"
+            )
+
+
+def _weight_channels(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> tuple | None:
+    """((input axis, size), (weight axis, size it implies)) for the layers pcc prunes, or None."""
+    if len(node.input) < 2 or node.domain not in ("", "ai.onnx"):
+        return None
+    x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if not x or not w or len(w) < 2:
+        return None
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if node.op_type == "Conv" and len(x) > 1:
+        return (1, x[1]), (1, w[1] * group)
+    if node.op_type == "ConvTranspose" and len(x) > 1:
+        return (1, x[1]), (0, w[0])
+    if node.op_type == "MatMul" and len(x) >= 2:
+        return (len(x) - 1, x[-1]), (len(w) - 2, w[-2])
+    if node.op_type == "Gemm" and len(x) == 2 and len(w) == 2:
+        a_k = 0 if next((a.i for a in node.attribute if a.name == "transA"), 0) else 1
+        b_k = 1 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 0
+        return (a_k, x[a_k]), (b_k, w[b_k])
+    return None
 
 
 def _normalise(model: ir.Model) -> ir.Model:

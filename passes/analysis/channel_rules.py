@@ -879,7 +879,15 @@ CHANNEL_RULES: dict[str, OpRule] = {
 
 
 def rule_for(node: ir.Node) -> OpRule | None:
-    """The channel rule of a node, or None: the node is a barrier."""
+    """The channel rule of a node, or None: the node is a barrier.
+
+    A node reading or writing a tensor whose rank nothing could infer (the output of an If whose branches
+    disagree, of a custom op, of shape arithmetic onnx gives up on) is a barrier too: its channels cannot
+    be mapped, so they are frozen and `pcc inspect` lists the node, instead of the whole model being
+    refused (silero's decoder after its LSTM-in-an-If is such a chain).
+    """
+    if _has_unknown_rank(node):
+        return None
     from pcc.passes.analysis.fused_attention import FUSED_ATTENTION_RULES  # fused attention ops; it imports this module
 
     fused = FUSED_ATTENTION_RULES.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
@@ -888,3 +896,8 @@ def rule_for(node: ir.Node) -> OpRule | None:
     if node.domain not in ("", "ai.onnx"):
         return None
     return CHANNEL_RULES.get(node.op_type)
+
+
+def _has_unknown_rank(node: ir.Node) -> bool:
+    values = [*_inputs(node), *(v for v in node.outputs if v is not None)]
+    return any(v.shape is None and v.const_value is None for v in values)

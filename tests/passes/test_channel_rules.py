@@ -299,16 +299,15 @@ def test_model_outputs_are_never_pruned():
     assert group_sizes(proto) == []
 
 
-def test_unresolvable_channel_dimension_is_named():
-    from pcc.compiler.errors import UnresolvedShapeError
-
+def test_value_of_unknown_rank_makes_its_readers_barriers():
+    """A layer fed by a tensor whose rank nothing infers cannot be mapped: it is a listed barrier, not a refusal."""
     proto = model(
         [helper.make_node("Mystery", ["x"], ["m"], domain="com.example"), conv("m", "w1", "y")],
         {"x": [1, 3, 4, 4]}, {"y": [1, 8, 4, 4]}, {"w1": weight(8, 3, 1, 1)}, custom=["com.example"],
     )
-    m = from_proto(proto)
-    with pytest.raises(UnresolvedShapeError, match="'m'"):
-        Pipeline([*preparation_passes(), BuildDependencyGroups()]).run(m)
+    result = Pipeline([*preparation_passes(), BuildDependencyGroups()]).run(from_proto(proto))
+    groups = result.get(DependencyGroups)
+    assert [b.op for b in groups.barriers] == ["com.example::Mystery", "Conv"] and groups.groups == []
 
 
 def test_reshape_factors():

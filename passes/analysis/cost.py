@@ -5,7 +5,8 @@ inferred shapes. A model with symbolic input axes is counted on a copy specialis
 latency is timed at (batch `batch`, other symbolic axes `length`, or the user's `input_shapes`), with the
 shape arithmetic folded: counting a symbolic sequence as 1 made a 128-token MiniLM cost 10.6M MACs next
 to a latency measured at 128 tokens, and a token-pruned model's run-time top-k counts become sizes only
-once the length is known. Axes that stay unknown even then count as 1. `MeasureCost` records the cost at
+once the length is known. A fixed-length export whose sequence axis was made symbolic for token pruning
+(`RelaxedSequence`) is counted at its own length. Axes that stay unknown even then count as 1. `MeasureCost` records the cost at
 a named point of a pipeline, so "before" and "after" pruning come from the same code.
 """
 
@@ -18,8 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from pcc.passes.analysis.dependency_groups import is_parameter
-from pcc.passes.results import store
-from pcc.passes.analysis.shapes import has_symbolic_inputs, representative_shapes, specialise_shapes
+from pcc.passes.results import lookup, store
+from pcc.passes.analysis.shapes import RelaxedSequence, has_symbolic_inputs, representative_shapes, specialise_shapes
 
 __all__ = ["Cost", "CostReport", "MeasureCost", "count_params", "count_macs", "measure_cost"]
 
@@ -106,6 +107,8 @@ class MeasureCost(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         report = model.meta.get(CostReport.META_KEY) or CostReport()
-        report.costs[self.label] = measure_cost(model, self.batch, self.length, self.input_shapes)
+        relaxed = lookup(model, RelaxedSequence)  # a fixed-length export runs (and is timed) at its own length
+        length = relaxed.length if relaxed is not None else self.length
+        report.costs[self.label] = measure_cost(model, self.batch, length, self.input_shapes)
         store(model, report)
         return ir.passes.PassResult(model, modified=False)

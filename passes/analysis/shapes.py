@@ -7,6 +7,8 @@ schema for. For the ops whose output has exactly their input's shape (activation
 softmax-like ops), the shape is known anyway: it is copied from the input, in graph order, so that
 channel analysis does not stop at a value whose shape was never in doubt.
 
+`RelaxedSequence` records the length a fixed-length export was relaxed from (RelaxSequenceAxis).
+
 `specialise_shapes` is a copy of a model with its inputs' symbolic axes fixed (batch 1 and the latency
 length by default, `representative_shapes`) and all shape arithmetic folded: what `ResolveSymbolicShapes`
 compares, what cost counting and the TVM import read shapes from.
@@ -24,7 +26,7 @@ from onnxscript.optimizer._constant_folding import FoldConstantsPass
 from pcc.compiler.errors import InvalidRequestError
 from pcc.passes.analysis.channel_rules import SHAPE_PRESERVING_OPS
 
-__all__ = ["InferMissingShapes", "has_symbolic_inputs", "representative_shapes", "specialise_shapes"]
+__all__ = ["InferMissingShapes", "RelaxedSequence", "has_symbolic_inputs", "representative_shapes", "specialise_shapes"]
 
 _NO_LIMIT = 1 << 62
 
@@ -86,6 +88,19 @@ def specialise_shapes(model: ir.Model, input_shapes: Mapping[str, list[int]]) ->
     common_passes.ShapeInferencePass(strict_mode=False)(copy)
     return copy
 
+
+
+@dataclass
+class RelaxedSequence:
+    """What RelaxSequenceAxis did to a fixed-length export: the length it was made at (what its cost and
+    latency are measured at), the inputs it relaxed and the nodes whose constants encoded the length."""
+
+    META_KEY = "pcc.relaxed_sequence"
+    PRODUCED_BY = "RelaxSequenceAxis"
+
+    length: int
+    inputs: list[str]
+    rewritten: list[str]  # the nodes whose constants encoded the length
 
 
 @dataclass

@@ -217,6 +217,8 @@ def _residual_and_norm(output: ir.Node | None, query: ir.Node | None) -> tuple[s
     if output is not None:
         value = output.outputs[0]
         node = _only_consumer(value)
+        if node is not None and (node.domain, node.op_type) == ("com.microsoft", "SkipLayerNormalization"):
+            return node.name, node.name  # onnxruntime's fusion of the bias, residual Add and LayerNorm
         if node is not None and node.op_type == "Add" and any(_is_weight(v) for v in node.inputs):
             value, node = node.outputs[0], _only_consumer(node.outputs[0])  # the output projection's bias
         while node is not None and node.op_type in MOVEMENT_OPS:  # e.g. back from [L*N, E] to [N, L, E]

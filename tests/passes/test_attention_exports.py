@@ -32,9 +32,9 @@ HIDDEN, HEADS, LAYERS = 32, 4, 2
 class _Layer(torch.nn.Module):
     """A post-norm BERT layer on F.scaled_dot_product_attention; `kv_heads` < HEADS: grouped-query."""
 
-    def __init__(self, kv_heads: int) -> None:
+    def __init__(self, boolean_mask: bool, kv_heads: int) -> None:
         super().__init__()
-        self.kv_heads, self.head_dim = kv_heads, HIDDEN // HEADS
+        self.boolean_mask, self.kv_heads, self.head_dim = boolean_mask, kv_heads, HIDDEN // HEADS
         self.q = torch.nn.Linear(HIDDEN, HIDDEN)
         self.k = torch.nn.Linear(HIDDEN, kv_heads * self.head_dim)
         self.v = torch.nn.Linear(HIDDEN, kv_heads * self.head_dim)
@@ -42,30 +42,32 @@ class _Layer(torch.nn.Module):
         self.norm1, self.norm2 = torch.nn.LayerNorm(HIDDEN), torch.nn.LayerNorm(HIDDEN)
         self.up, self.down = torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.Linear(2 * HIDDEN, HIDDEN)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         b, length, _ = x.shape
         q = self.q(x).view(b, length, HEADS, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        mask = keep.bool() if self.boolean_mask else (1.0 - keep) * -10000.0
         gqa = {"enable_gqa": True} if self.kv_heads != HEADS else {}
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
-        x = self.norm1(x + self.o(context.transpose(1, 2).reshape(b, length, -1)))
+        x = self.norm1(x + self.o(context.transpose(1, 2).reshape(b, length, -1)))  # -1: as transformers writes it
         return self.norm2(x + self.down(F.gelu(self.up(x))))
 
 
 class _Encoder(torch.nn.Module):
-    def __init__(self, boolean_mask: bool = False, kv_heads: int = HEADS, square_mask: bool = False) -> None:
+    """One layer per (boolean mask, key/value heads) in `layers`, so one export covers several patterns."""
+
+    def __init__(self, layers: list[tuple[bool, int]], square_mask: bool = False) -> None:
         super().__init__()
-        self.boolean_mask, self.square_mask = boolean_mask, square_mask
-        self.layers = torch.nn.ModuleList(_Layer(kv_heads) for _ in range(LAYERS))
+        self.square_mask = square_mask
+        self.layers = torch.nn.ModuleList(_Layer(boolean, kv_heads) for boolean, kv_heads in layers)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         keep = keep[:, None, None, :]
         if self.square_mask:  # [batch, 1, queries, keys]: onnxruntime's opset-23 Attention broadcasts no query axis
             keep = keep.expand(-1, -1, keep.shape[-1], -1)
-        mask = keep.bool() if self.boolean_mask else (1.0 - keep.float()) * -10000.0
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, keep)
         return x
 
 
@@ -76,28 +78,15 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return x, keep
 
 
-def _legacy(module: torch.nn.Module, inputs, names: list[str], opset: int = 17) -> onnx.ModelProto:
+def _legacy(module: torch.nn.Module, inputs, names: list[str]) -> onnx.ModelProto:
     buffer = io.BytesIO()
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    torch.onnx.export(module, inputs, buffer, dynamo=False, input_names=names, dynamic_axes=axes, opset_version=opset)
+    torch.onnx.export(module, inputs, buffer, dynamo=False, input_names=names, dynamic_axes=axes, opset_version=17)
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _ort_fused(module: torch.nn.Module, inputs, names: list[str], tmp_path) -> onnx.ModelProto:
-    """What many shipped BERT files are: the legacy export fused by onnxruntime's transformer optimizer."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    path = tmp_path / "legacy.onnx"
-    onnx.save(_legacy(module, inputs, names), path)
-    return optimize_model(str(path), model_type="bert", num_heads=HEADS, hidden_size=HIDDEN, opt_level=0).model
-
-
-def _prepare(model: ir.Model) -> ir.Model:
-    InferContribShapes()(model)  # what preparation does for graphs with com.microsoft ops
-    return model
-
-
 def _removed_heads(groups: DependencyGroups, removed: np.ndarray, analysed: ir.Model, output_node: str, head_dim: int):
+    """Heads whose output-projection inputs were removed, read off the dense graph's weight."""
     node = next(n for n in analysed.graph if n.name == output_node)
     weight = node.inputs[1]
     features = weight.const_value.shape[0]
@@ -107,90 +96,81 @@ def _removed_heads(groups: DependencyGroups, removed: np.ndarray, analysed: ir.M
     return sorted(set((gone // head_dim).tolist()))
 
 
-def _check_heads(proto: onnx.ModelProto, feeds: dict, projections, reference, *, blocks: int, heads: int = HEADS,
-                 kv_heads: int = HEADS, head_dim: int = HIDDEN // HEADS, fused: str | None = None) -> ir.Model:
-    """Blocks found; half of the heads removed == the torch model with their output-projection inputs zeroed.
-
-    `projections` are the torch output projections (nn.Linear) in block order; `reference` runs the torch
-    model. Returns the dense model as analysed (for further checks)."""
-    analysed = analysis_pipeline().run(_prepare(from_proto(proto)))
+def _check_heads(proto: onnx.ModelProto, feeds: dict, projections, reference, blocks: list[tuple]) -> None:
+    """`blocks` (heads, key/value heads, head dim, fused op) are found; half of every block's heads removed ==
+    the torch model with their output-projection inputs zeroed (`projections`: its nn.Linear per block)."""
+    analysed = analysis_pipeline()
+    analysed.insert(analysed.index(InferMissingShapes), InferContribShapes())  # as preparation does
+    analysed = analysed.run(from_proto(proto))
     found = analysed.get(AttentionBlocks).blocks
-    assert [(b.heads, b.kv_heads, b.head_dim, b.fused_op) for b in found] == [(heads, kv_heads, head_dim, fused)] * blocks
+    assert [(b.heads, b.kv_heads, b.head_dim, b.fused_op) for b in found] == blocks
     assert all(None not in (b.query, b.key, b.value, b.output) for b in found)
     head_groups = [g for g in analysed.get(DependencyGroups).groups if g.kind == "heads"]
-    assert [g.num_units for g in head_groups] == [kv_heads] * blocks, "a unit: one key/value head and its query heads"
+    assert [g.num_units for g in head_groups] == [kv for _, kv, _, _ in blocks], "a unit: a key/value head and its query heads"
 
     pipeline = channel_pruning_pipeline(0.5, prune=("heads",), importance="random", round_to=1)
     pipeline.insert(pipeline.index(InferMissingShapes), InferContribShapes())
     result = pipeline.run(from_proto(proto))
     pruned = ir.serde.serialize_model(result.model)
-    onnx.checker.check_model(pruned, full_check=fused is None or fused.startswith("ai.onnx"))
+    contrib = any(node.domain == "com.microsoft" for node in pruned.graph.node)
+    onnx.checker.check_model(pruned, full_check=not contrib)  # onnx has no shape inference for com.microsoft ops
     groups, removed = result.get(DependencyGroups), result.get(Allocation).removed
-    group = heads // kv_heads
     with torch.no_grad():
-        for block, projection in zip(found, projections):
-            gone = _removed_heads(groups, removed, analysed.model, block.output, block.head_dim)
-            assert len(gone) == heads // 2
+        for (heads, kv_heads, head_dim, _), block, projection in zip(blocks, found, projections):
+            gone = _removed_heads(groups, removed, analysed.model, block.output, head_dim)
+            group = heads // kv_heads
             units = {h // group for h in gone}
+            assert len(gone) == heads // 2
             assert gone == [h for unit in sorted(units) for h in range(unit * group, (unit + 1) * group)], "whole groups"
             for head in gone:
                 projection.weight[:, head * head_dim : (head + 1) * head_dim] = 0.0
         expected = reference()
-    (actual,) = run_onnx(pruned, feeds)[:1]
+    actual = run_onnx(pruned, feeds)[0]
     assert actual.shape == expected.shape
     assert max_relative_difference([actual], [expected]) <= 1e-5
-    return analysed.model
 
 
-def _check_tokens(proto: onnx.ModelProto, feeds: dict) -> None:
-    """Cascade token pruning rewrites every block (keep 1, 1/2: the second layer sees half the tokens)."""
+def _check_tokens(proto: onnx.ModelProto, feeds: dict, layers: int) -> None:
+    """Cascade token pruning rewrites every block: the last layer sees half of the tokens."""
     result = analysis_pipeline().run(from_proto(proto))
-    PruneTokens(keep=(1.0, 0.5))(result.model)
-    (hidden,) = run_onnx(result.model, feeds)[:1]
+    PruneTokens(keep=(1.0,) * (layers - 1) + (0.5,))(result.model)
+    hidden = run_onnx(result.model, feeds)[0]
     length = next(iter(feeds.values())).shape[1]
     assert hidden.shape[:2] == (2, length // 2)
 
 
-def _encoder_case(module: _Encoder, proto: onnx.ModelProto, names: list[str], **expected) -> None:
+def _encoder_case(module: _Encoder, proto: onnx.ModelProto, blocks: list[tuple]) -> None:
     x, keep = _inputs()
-    feeds = dict(zip(names, (x.numpy(), keep.numpy())))
-    dense = run_onnx(proto, feeds)[0]
+    feeds = {"x": x.numpy(), "keep": keep.numpy()}
     with torch.no_grad():
-        assert max_relative_difference([dense], [module(x, keep).numpy()]) <= 1e-5
-    _check_heads(proto, feeds, [layer.o for layer in module.layers], lambda: module(x, keep).numpy(), blocks=LAYERS, **expected)
-    if expected.get("fused") is None:
-        _check_tokens(proto, feeds)
+        assert max_relative_difference(run_onnx(proto, feeds)[:1], [module(x, keep).numpy()]) <= 1e-5
+    _check_heads(proto, feeds, [layer.o for layer in module.layers], lambda: module(x, keep).numpy(), blocks)
+    if not any(fused for *_, fused in blocks):
+        _check_tokens(proto, feeds, len(blocks))
 
 
-@pytest.mark.parametrize("boolean_mask", [False, True], ids=["additive-mask", "boolean-mask"])
-def test_sdpa_dynamo(boolean_mask):
+def test_sdpa_dynamo_masks_and_grouped_query():
+    """torch's SDPA decomposition: an additive mask (layer 0), a boolean one and 2 key/value heads (layer 1)."""
     torch.manual_seed(0)
-    module = _Encoder(boolean_mask).eval()
+    module = _Encoder([(False, HEADS), (True, 2)]).eval()
     model = from_torch(module, _inputs(), input_names=["x", "keep"], dynamic_batch=True, dynamic_sequence=True)
-    _encoder_case(module, ir.serde.serialize_model(model), ["x", "keep"])
+    _encoder_case(module, ir.serde.serialize_model(model), [(HEADS, HEADS, 8, None), (HEADS, 2, 8, None)])
 
 
-@pytest.mark.parametrize("boolean_mask", [False, True], ids=["additive-mask", "boolean-mask"])
-def test_sdpa_legacy_exporter(boolean_mask):
+def test_sdpa_legacy_exporter():
+    """The TorchScript exporter's SDPA: a scale computed from the query's shape, [0, 0, -1] head merges."""
     torch.manual_seed(0)
-    module = _Encoder(boolean_mask).eval()
-    _encoder_case(module, _legacy(module, _inputs(), ["x", "keep"]), ["x", "keep"])
+    module = _Encoder([(False, HEADS), (True, HEADS)]).eval()
+    _encoder_case(module, _legacy(module, _inputs(), ["x", "keep"]), [(HEADS, HEADS, 8, None)] * 2)
 
 
 def test_opset23_attention_op():
     torch.manual_seed(0)
-    module = _Encoder(square_mask=True).eval()
+    module = _Encoder([(False, HEADS), (False, 2)], square_mask=True).eval()
     model = from_torch(module, _inputs(), input_names=["x", "keep"], dynamic_batch=True, dynamic_sequence=True, opset_version=23)
     proto = ir.serde.serialize_model(model)
-    assert sum(n.op_type == "Attention" for n in proto.graph.node) == LAYERS
-    _encoder_case(module, proto, ["x", "keep"], fused="ai.onnx:Attention")
-
-
-def test_grouped_query_attention():
-    torch.manual_seed(0)
-    module = _Encoder(kv_heads=2).eval()
-    model = from_torch(module, _inputs(), input_names=["x", "keep"], dynamic_batch=True, dynamic_sequence=True)
-    _encoder_case(module, ir.serde.serialize_model(model), ["x", "keep"], kv_heads=2)
+    assert sum(n.op_type == "Attention" for n in proto.graph.node) == 2
+    _encoder_case(module, proto, [(HEADS, HEADS, 8, "ai.onnx:Attention"), (HEADS, 2, 8, "ai.onnx:Attention")])
 
 
 class _Bert(torch.nn.Module):
@@ -225,18 +205,18 @@ def _bert_inputs(vocab: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _bert_case(module: _Bert, proto: onnx.ModelProto, **expected) -> None:
+def _bert_case(module: _Bert, proto: onnx.ModelProto, fused: str | None = None) -> None:
     ids, mask = _bert_inputs(module.bert.config.vocab_size)
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     config = module.bert.config
     projections = [layer.attention.output.dense for layer in module.bert.encoder.layer]
     with torch.no_grad():
         assert max_relative_difference(run_onnx(proto, feeds)[:1], [module(ids, mask).numpy()]) <= 1e-5
-    _check_heads(proto, feeds, projections, lambda: module(ids, mask).numpy(), blocks=config.num_hidden_layers,
-                 heads=config.num_attention_heads, kv_heads=config.num_attention_heads,
-                 head_dim=config.hidden_size // config.num_attention_heads, **expected)
-    if expected.get("fused") is None:
-        _check_tokens(proto, feeds)
+    heads = config.num_attention_heads
+    blocks = [(heads, heads, config.hidden_size // heads, fused)] * config.num_hidden_layers
+    _check_heads(proto, feeds, projections, lambda: module(ids, mask).numpy(), blocks)
+    if fused is None:
+        _check_tokens(proto, feeds, config.num_hidden_layers)
 
 
 @pytest.mark.parametrize("fusion", ["Attention", "MultiHeadAttention"])

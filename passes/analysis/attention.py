@@ -84,6 +84,7 @@ class AttentionCore:
     softmax: ir.Node
     context: ir.Node  # MatMul(probabilities, V)
     mask: ir.Value | None  # the additive mask or Where condition
+    guard: tuple[ir.Node, ...] = ()  # between softmax and context: SDPA's Where(IsNaN(p), 0, p)
 
 
 def _is_scalar(value: ir.Value) -> bool:
@@ -99,6 +100,12 @@ def _strip_scaling(value: ir.Value) -> ir.Value:
     while (node := value.producer()) is not None and node.op_type in ("Mul", "Div") and _is_scalar(node.inputs[1]):
         value = node.inputs[0]
     return value
+
+
+def _guard(context: ir.Node) -> tuple[ir.Node, ...]:
+    """The IsNaN and Where of a NaN-guarded softmax feeding `context`, or () if the softmax feeds it directly."""
+    where = context.inputs[0].producer()
+    return () if where.op_type == "Softmax" else (where.inputs[0].producer(), where)
 
 
 def find_attention_cores(model: ir.Model) -> list[AttentionCore]:
@@ -117,6 +124,7 @@ def find_attention_cores(model: ir.Model) -> list[AttentionCore]:
                         query=_strip_scaling(match.bindings["q"]), key=_strip_scaling(match.bindings["kt"]),
                         value=match.bindings["v"], scores=scores, softmax=softmax, context=node,
                         mask=match.bindings.get("mask"),
+                        guard=_guard(node),
                     )
                 )
                 break

@@ -14,8 +14,9 @@ schedules' fractions; the passes floor them to whole heads and tokens, and the r
 
 The split needs the number of attention layers, which is known only once FindAttentionBlocks has run, so
 it is done by a pass, `CascadeTokensAndHeads`, which then runs PruneTokens and CascadeHeads with the two
-per-layer schedules (a side whose schedule keeps everything is skipped: a model with a static sequence
-length can still be lowered at sparsity 0, or with heads only through explicit schedules).
+per-layer schedules (a side whose schedule keeps everything is skipped). Before token pruning, a model
+exported at a fixed sequence length gets a symbolic one (RelaxSequenceAxis: users often cannot re-export);
+with nothing to prune on the token side the model is left as exported.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pcc.passes.analysis.attention import AttentionBlocks, FindAttentionBlocks
 from pcc.passes.results import fetch, store
 from pcc.passes.transforms.cascade_heads import HEADS_UNPRUNED, CascadeHeads
 from pcc.passes.transforms.prune_tokens import TOKENS_UNPRUNED, PruneTokens, cascade_keep_schedule
+from pcc.passes.transforms.relax_sequence_axis import RelaxSequenceAxis
 from pcc.compiler.options import HEAD_SHARE  # head sparsity = HEAD_SHARE x the requested token x head sparsity
 
 __all__ = ["HEAD_SHARE", "AttentionSparsitySplit", "CascadeTokensAndHeads", "spatten_pipeline", "split_attention_sparsity"]
@@ -105,6 +107,7 @@ class CascadeTokensAndHeads(ir.passes.InPlacePass):
         modified = False
         # tokens first: head pruning drops the static head counts that PruneTokens reads from the shapes
         if min(self.split.token_keep) < 1:
+            modified |= RelaxSequenceAxis()(model).modified  # a fixed-length export: its length becomes symbolic
             modified |= PruneTokens(keep=tuple(self.split.token_keep))(model).modified
             FindAttentionBlocks()(model)  # PruneTokens invalidated them; CascadeHeads reads them
         if min(self.split.head_keep) < 1:

@@ -18,8 +18,9 @@ Rules:
   masks stay exact.
 
 Outputs that carry a token axis come back with the survivors only; `keep=1` everywhere reproduces the
-dense model exactly. The model must have a symbolic sequence length (e.g. `from_torch(...,
-dynamic_sequence=True)`): a graph with the length baked into its constants cannot shrink.
+dense model exactly. The model must have a symbolic sequence length: a graph with the length baked into
+its constants cannot shrink. A fixed-length export gets one from RelaxSequenceAxis
+(`relax_sequence_axis.py`), which the pipelines run before this pass.
 """
 
 from __future__ import annotations
@@ -225,7 +226,8 @@ def _layers(model: ir.Model, blocks: list[AttentionBlock]) -> list[_Layer]:
         if shape is None or len(shape) != 4 or not isinstance(shape[-1], ir.SymbolicDim) or shape[-1].value is None:
             raise InvalidRequestError(
                 f"token pruning needs a symbolic sequence length, but attention {block.name} has probabilities of "
-                f"shape {shape}: export with a dynamic sequence axis (from_torch(..., dynamic_sequence=True))"
+                f"shape {shape}: run RelaxSequenceAxis first, or export with a dynamic sequence axis "
+                "(from_torch(..., dynamic_sequence=True))"
             )
         stream = _stream_of(block, nodes)
         token_axis = _axis_of(stream.shape, shape[-1]) if stream.shape is not None else None

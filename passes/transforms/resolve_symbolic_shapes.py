@@ -121,15 +121,14 @@ class ResolveSymbolicShapes(ir.passes.InPlacePass):
         for node in model.graph:
             for value in node.outputs:
                 dims = copies.dims(value.name)
-                if dims is None or (value.shape is not None and len(value.shape) != len(dims)):
+                old = list(value.shape) if value.shape is not None else None
+                if dims is None or (old is not None and len(old) != len(dims)):
                     continue
-                new = ir.Shape([d if d is not None else ir.SymbolicDim(None) for d in dims])
-                if value.shape is None or any(
-                    isinstance(n, int) != isinstance(o, int) or (isinstance(n, int) and n != o)
-                    or (not isinstance(n, int) and n.value is not None and n.value != o.value)
-                    for n, o in zip(new, value.shape)
-                ):
-                    value.shape = new
+                # a size-dependent axis no input symbol explains keeps the name it had, if any
+                merged = [d if d is not None else (o if old is not None and not isinstance(o, int) else ir.SymbolicDim(None))
+                          for d, o in zip(dims, old or [None] * len(dims))]
+                if old is None or any(_differ(n, o) for n, o in zip(merged, old)):
+                    value.shape = ir.Shape(merged)
                     if value.dtype is None:
                         value.dtype = copies.first[value.name].dtype
                     modified = True
@@ -177,6 +176,12 @@ class ResolveSymbolicShapes(ir.passes.InPlacePass):
             node.replace_input_with(1, constant)
             modified = True
         return modified
+
+
+def _differ(new, old) -> bool:
+    if isinstance(new, int) or isinstance(old, int):
+        return new != old
+    return new.value != old.value
 
 
 def _size_free_target(first: np.ndarray, second: np.ndarray, x_first: list[int], x_second: list[int]) -> np.ndarray | None:

@@ -13,6 +13,13 @@ and a batch's statistics would make the result depend on the fine-tuning batch s
 
 Weights that are exactly zero stay zero (`keep_zeros`): a model from `--sparsify` is fine-tuned as a sparse
 model (masked fine-tuning), so its sparsity pattern and the speed-up it buys survive recovery.
+
+What is trained (`params`) trades recovery for cost. `all` trains every float weight. `bn-bias` trains only
+biases and normalisation scales and shifts: PERP (Zimmer et al. 2023) found that after pruning most of
+the damage is a shift of each layer's output distribution, which these few parameters can undo (with
+BatchNorm folded away, the conv/linear biases carry it). `lora` adds a low-rank adapter to every weight
+matrix (`lora.LowRankAdapters`) and trains the adapters with the biases and norms; the adapters are
+merged into the weights before writing, so the output has the input's graph and cost.
 """
 
 from __future__ import annotations
@@ -28,15 +35,49 @@ import torch.nn.functional as F
 
 from pcc.compiler.calibration import CalibrationData
 from pcc.compiler.errors import InvalidRequestError
-from pcc.compiler.torch_module import IRModule
+from pcc.compiler.torch_module import IRModule, trainable_initializers
 from pcc.passes.results import store
+from pcc.passes.transforms.lora import LowRankAdapters, nonzero_masks
 
-__all__ = ["FineTune", "FineTuneReport"]
+__all__ = ["FineTune", "FineTuneReport", "PARAM_MODES", "bias_and_norm_initializers"]
+
+PARAM_MODES = ("all", "bn-bias", "lora")
+
+# Inputs that are a bias or a normalisation scale/shift, by op: (op type, input indices)
+_BIAS_AND_NORM_INPUTS = {
+    "Conv": (2,), "ConvTranspose": (2,), "Gemm": (2,),
+    "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2),
+    "GroupNormalization": (1, 2), "RMSNormalization": (1,),
+}
+
+
+def bias_and_norm_initializers(model: ir.Model) -> list[str]:
+    """The float initializers that are biases or normalisation parameters (what `bn-bias` trains).
+
+    Besides the bias/scale inputs of the ops that have them, exporters write a linear layer's bias and a
+    norm's scale and shift as an Add or Mul of a per-channel vector onto a computed value (MatMul + Add,
+    decomposed RMSNorm): such an operand counts when it has more than one element along a single axis.
+    Scalars (epsilons, exponents, attention scales) are constants of the formula and never count.
+    """
+    trainable = set(trainable_initializers(model))
+    found: dict[str, None] = {}
+    for node in model.graph:
+        picked = [node.inputs[i] for i in _BIAS_AND_NORM_INPUTS.get(node.op_type, ()) if i < len(node.inputs)]
+        if node.op_type in ("Add", "Mul") and len(node.inputs) == 2:
+            constant = [v for v in node.inputs if v is not None and v.is_initializer()]
+            if len(constant) == 1:
+                shape = constant[0].const_value.shape
+                if sum(1 for d in shape if d != 1) == 1 and math.prod(shape) > 1:
+                    picked.append(constant[0])
+        for value in picked:
+            if value is not None and value.name in trainable:
+                found[value.name] = None
+    return list(found)
 
 
 @dataclass
 class FineTuneReport:
-    """What `FineTune` did: steps, losses at the start and end, and time."""
+    """What `FineTune` did: what it trained, steps, the loss at every step, and time."""
 
     META_KEY = "pcc.finetune"
     PRODUCED_BY = "FineTune"
@@ -44,14 +85,17 @@ class FineTuneReport:
     epochs: int
     steps: int
     loss: str
-    first_loss: float
-    last_loss: float
+    first_loss: float  # mean over the first tenth of the steps
+    last_loss: float  # mean over the last tenth
     seconds: float
+    params: str = "all"  # PARAM_MODES; "lora (rank R)" for adapters
+    trained_params: int = 0  # numbers the optimizer updated (adapters counted, not the weights they adapt)
+    losses: list[float] = field(default_factory=list, repr=False)  # per step
 
     def summary(self) -> str:
         return (
-            f"fine-tune: {self.epochs} epoch(s), {self.steps} steps, {self.loss} loss "
-            f"{self.first_loss:.4f} -> {self.last_loss:.4f} ({self.seconds:.1f} s)"
+            f"fine-tune: {self.params}, {self.trained_params:,} trained parameters, {self.epochs} epoch(s), "
+            f"{self.steps} steps, {self.loss} loss {self.first_loss:.4f} -> {self.last_loss:.4f} ({self.seconds:.1f} s)"
         )
 
 
@@ -60,7 +104,9 @@ class FineTune(ir.passes.InPlacePass):
     """Train the model's float weights on `data` (labels and/or a `teacher`), then write them back.
 
     `lr` is Adam's peak learning rate, decayed to zero over the run by a cosine schedule; the average
-    loss over the first and the last tenth of the steps is reported.
+    loss over the first and the last tenth of the steps is reported. `params` chooses what is trained:
+    `all` weights, only biases and norms (`bn-bias`), or rank-`lora_rank` adapters plus biases and norms
+    (`lora`, merged into the weights when written).
     """
 
     data: CalibrationData = field(repr=False)
@@ -71,6 +117,8 @@ class FineTune(ir.passes.InPlacePass):
     alpha: float = 0.5  # weight of the distillation loss when both labels and a teacher are given
     seed: int = 0
     keep_zeros: bool = True  # weights (2-D and up) that are exactly zero stay zero: a sparsified model stays sparse
+    params: str = "all"  # all | bn-bias | lora
+    lora_rank: int = 8
     progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -84,6 +132,10 @@ class FineTune(ir.passes.InPlacePass):
             )
         if self.data.synthetic:
             raise InvalidRequestError("fine-tuning needs real data, not random inputs")
+        if self.params not in PARAM_MODES:
+            raise InvalidRequestError(f"--params must be one of {', '.join(PARAM_MODES)}, got {self.params!r}")
+        if self.params == "lora" and self.lora_rank < 1:
+            raise InvalidRequestError(f"--lora-rank must be at least 1, got {self.lora_rank}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from pcc.backends.onnx.runtime import session
@@ -91,29 +143,41 @@ class FineTune(ir.passes.InPlacePass):
         torch.manual_seed(self.seed)
         student = IRModule(model)
         student.train()
+        trained = self._trained_names(model)
+        for name, parameter in student.named_weights():
+            parameter.requires_grad_(name in trained)
+        adapters = None
+        if self.params == "lora":
+            adapters = LowRankAdapters(model, student, self.lora_rank, keep_zeros=self.keep_zeros)
+            if not adapters.names:
+                raise InvalidRequestError("--params lora found no Conv, Gemm or MatMul with a constant weight to adapt")
+        parameters = [p for name, p in student.named_weights() if name in trained]
+        parameters += list(adapters.parameters()) if adapters is not None else []
         teacher = None
         if self.teacher is not None:
             teacher = session(ir.serde.serialize_model(self.teacher).SerializeToString())
         steps = max(1, self.epochs * self.data.num_batches)
-        optimizer = torch.optim.Adam([p for _, p in student.named_weights()], lr=self.lr)
-        masks = self._nonzero_masks(student) if self.keep_zeros else []
+        optimizer = torch.optim.Adam(parameters, lr=self.lr)
+        masks = nonzero_masks(student, trained) if self.keep_zeros else {}
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))))
         losses: list[float] = []
         start = time.perf_counter()
         for epoch in range(self.epochs):
             bar = f"fine-tune {epoch + 1}/{self.epochs}" if self.progress else None
             for feeds, labels in self.data.batches(progress=bar, shuffle_seed=self.seed + epoch):
-                outputs = student(feeds)
+                outputs = student(feeds, weights=adapters.weights() if adapters is not None else None)
                 targets = teacher.run(None, feeds) if teacher is not None else None
                 loss = self._loss(outputs, labels, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    for parameter, mask in masks:
-                        parameter.mul_(mask)
+                    for name, mask in masks.items():
+                        student.weight(name).mul_(mask)
                 schedule.step()
                 losses.append(float(loss.detach()))
+        if adapters is not None:
+            adapters.merge()
         student.write_back(model)
         tenth = max(1, len(losses) // 10)
         store(
@@ -122,16 +186,20 @@ class FineTune(ir.passes.InPlacePass):
                 epochs=self.epochs, steps=len(losses), loss=self._loss_name(),
                 first_loss=float(np.mean(losses[:tenth])), last_loss=float(np.mean(losses[-tenth:])),
                 seconds=time.perf_counter() - start,
+                params=f"lora (rank {self.lora_rank})" if adapters is not None else self.params,
+                trained_params=sum(p.numel() for p in parameters), losses=losses,
             ),
         )
         return ir.passes.PassResult(model, modified=True)
 
-    @staticmethod
-    def _nonzero_masks(student: IRModule) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-        """(weight, where it is nonzero) for the weights holding exact zeros. Zeroed weights are what
-        SparsifyWeights made; Adam's momentum would refill them, so they are re-zeroed after every step.
-        Vectors are left out: a zero bias is an initial value, not a pruning decision."""
-        return [(p, (p != 0).to(p.dtype)) for _, p in student.named_weights() if p.dim() >= 2 and bool((p == 0).any())]
+    def _trained_names(self, model: ir.Model) -> set[str]:
+        """The initializers the optimizer updates: all float weights, or only biases and norms."""
+        if self.params == "all":
+            return set(trainable_initializers(model))
+        names = set(bias_and_norm_initializers(model))
+        if not names and self.params == "bn-bias":
+            raise InvalidRequestError("--params bn-bias: the model has no biases or normalisation parameters to train")
+        return names
 
     def _loss_name(self) -> str:
         if self.teacher is None:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from pcc.passes.analysis.dependency_groups import is_parameter
 from pcc.passes.results import lookup, store
-from pcc.passes.analysis.shapes import RelaxedSequence, has_symbolic_inputs, representative_shapes, specialise_shapes
+from pcc.passes.analysis.shapes import RelaxedSequence, needs_specialising, representative_shapes, specialise_shapes
 
 __all__ = ["Cost", "CostReport", "MeasureCost", "count_params", "count_macs", "measure_cost"]
 
@@ -84,7 +84,7 @@ def count_macs(
 ) -> int:
     """MACs of one inference (needs inferred shapes), symbolic input axes at batch `batch` and length
     `length` (or `input_shapes`)."""
-    if has_symbolic_inputs(model):
+    if needs_specialising(model, input_shapes):
         model = specialise_shapes(model, representative_shapes(model, batch, length, input_shapes))
     return sum(_node_macs(node) for node in model.graph)
 

@@ -26,13 +26,19 @@ from onnxscript.optimizer._constant_folding import FoldConstantsPass
 from pcc.compiler.errors import InvalidRequestError
 from pcc.passes.analysis.channel_rules import SHAPE_PRESERVING_OPS
 
-__all__ = ["InferMissingShapes", "RelaxedSequence", "has_symbolic_inputs", "representative_shapes", "specialise_shapes"]
+__all__ = ["InferMissingShapes", "RelaxedSequence", "needs_specialising", "representative_shapes", "specialise_shapes"]
 
 _NO_LIMIT = 1 << 62
 
 
-def has_symbolic_inputs(model: ir.Model) -> bool:
-    return any(v.shape is not None and any(not isinstance(d, int) for d in v.shape) for v in model.graph.inputs)
+def needs_specialising(model: ir.Model, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> bool:
+    """Whether some input has symbolic axes and every input's shape is known (or given), so that
+    `representative_shapes` can size them all; a model with an input of unknown rank is left as it is."""
+    given = input_shapes or {}
+    shapes = [v.shape for v in model.graph.inputs if v.name not in given]
+    return all(s is not None for s in shapes) and (
+        bool(given) or any(not isinstance(d, int) for s in shapes for d in s)
+    )
 
 
 def representative_shapes(

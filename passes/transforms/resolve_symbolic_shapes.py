@@ -38,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from pcc.passes.analysis.shapes import has_symbolic_inputs, representative_shapes, specialise_shapes
+from pcc.passes.analysis.shapes import needs_specialising, representative_shapes, specialise_shapes
 
 __all__ = ["ResolveSymbolicShapes"]
 
@@ -90,7 +90,7 @@ class ResolveSymbolicShapes(ir.passes.InPlacePass):
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not has_symbolic_inputs(model):
+        if not needs_specialising(model, self.input_shapes):
             return ir.passes.PassResult(model, False)
         copies = self._specialise(model)
         modified = self._annotate_shapes(model, copies)
@@ -106,7 +106,9 @@ class ResolveSymbolicShapes(ir.passes.InPlacePass):
         symbols: dict[tuple[int, int], ir.SymbolicDim | None] = {}
         for value in model.graph.inputs:
             dims = first[value.name]
-            doubled = [d if isinstance(s, int) else 2 * d for d, s in zip(dims, value.shape or [None] * len(dims))]
+            # an input whose shape the model does not declare is taken as static at the sizes given for it
+            declared = value.shape if value.shape is not None else dims
+            doubled = [d if isinstance(s, int) else 2 * d for d, s in zip(dims, declared)]
             second[value.name] = doubled
             for symbol, a, b in zip(value.shape or (), dims, doubled):
                 if not isinstance(symbol, int) and symbol.value is not None:

@@ -64,6 +64,20 @@ def test_token_pruning_on_a_fixed_length_export_equals_the_algorithm_in_torch(st
     assert 0.4 * before < after < 0.75 * before
 
 
+def test_a_legacy_fixed_length_export_prunes_the_same(static_encoder, tmp_path):
+    """The TorchScript exporter bakes the length into other places (its own reshape targets)."""
+    module, _ = static_encoder
+    path = tmp_path / "legacy.onnx"
+    torch.onnx.export(module, (torch.randn(1, LENGTH, 32),), str(path), dynamo=False, input_names=["x"])
+    keep = (1.0, 0.75, 0.5, 0.25)
+    _, pruned = _relaxed(onnx.load(str(path)), FindAttentionBlocks(required_by="token pruning"), PruneTokens(keep=keep))
+    x = torch.randn(1, 40, 32, generator=torch.Generator().manual_seed(1))
+    (out,) = run_onnx(pruned, {"x": x.numpy()})
+    with torch.no_grad():
+        expected = _reference(module, x, list(keep)).numpy()
+    assert out.shape == (1, 10, 32) and max_relative_difference([out], [expected]) <= 1e-5
+
+
 def test_relaxing_alone_keeps_the_outputs(static_encoder):
     _, proto = static_encoder
     _, relaxed = _relaxed(proto)

@@ -19,7 +19,9 @@ checked for constants that encode it, and these are rewritten:
   computes from constants alone is indexed by position, so its first n positions are what a length-n
   export would have computed.
 
-A constant is only touched where it meets the symbolic length, so a hidden size that happens to equal the
+The relaxed model runs at any length up to the export's (position tables hold that many positions); a
+longer input fails in onnxruntime as it would in the exported model's framework. A constant is only
+touched where it meets the symbolic length, so a hidden size that happens to equal the
 length is never mistaken for it. The length is taken from the attention: the size of a square softmax's
 last two axes (scores [b, h, L, L]) that the inputs share on `axis`. The pass does nothing on a model whose
 sequence axis is already symbolic, or without such attention (PruneTokens then says what is missing).

@@ -14,15 +14,16 @@ checked for constants that encode it, and these are rewritten:
 - Slice ends equal to the length on a symbolic axis: to the end;
 - operands computed from constants alone, of broadcasting ops (a position embedding or token-type
   embedding [1, L, d], a causal or padding mask [.., L, L]) are sliced to the run-time length on the
-  axes that line up with the symbolic one, and so are constant indices into a value with the symbolic
+  axes that line up with the symbolic one or that only they give a size to (a mask's query axis against a
+  [.., 1, s] padding mask), and so are constant indices into a value with the symbolic
   length (transformers' masks gather the padding mask at arange(L)): everything a fixed-length export
   computes from constants alone is indexed by position, so its first n positions are what a length-n
   export would have computed.
 
 The relaxed model runs at any length up to the export's (position tables hold that many positions); a
 longer input fails in onnxruntime as it would in the exported model's framework. A constant is only
-touched where it meets the symbolic length, so a hidden size that happens to equal the
-length is never mistaken for it. The length is taken from the attention: the size of a square softmax's
+touched where it meets the symbolic length, so a weight whose hidden size happens to equal the length is
+not mistaken for it. The length is taken from the attention: the size of a square softmax's
 last two axes (scores [b, h, L, L]) that the inputs share on `axis`. The pass does nothing on a model whose
 sequence axis is already symbolic, or without such attention (PruneTokens then says what is missing).
 """

@@ -121,8 +121,12 @@ def _norm_axis(axis: int, rank: int) -> int:
 
 
 def _identity(ctx: ChannelContext, a: ir.Value, b: ir.Value, axes: Sequence[int] | None = None) -> None:
-    for axis in range(len(ctx.shape(a))) if axes is None else axes:
-        ctx.link(a, axis, b, axis)
+    """Same axis, same channels. Where inference knows the size on one side only (a spatial axis that a
+    later input of a Concat fixes), the elements cannot be paired: that axis is left to be frozen."""
+    a_dims, b_dims = ctx.shape(a), ctx.shape(b)
+    for axis in range(len(a_dims)) if axes is None else axes:
+        if (a_dims[axis] is None) == (b_dims[axis] is None):
+            ctx.link(a, axis, b, axis)
 
 
 def _accept_all(ctx: ChannelContext, values: Sequence[ir.Value | None]) -> None:
@@ -418,8 +422,10 @@ def _concat(ctx: ChannelContext, node: ir.Node) -> None:
     for x in _inputs(node):
         size = ctx.shape(x)[axis]
         _identity(ctx, x, y, axes=[a for a in range(rank) if a != axis])
-        if size is None:
-            return  # a symbolic concat axis: later inputs' offsets are unknown, leave them frozen
+        if size is None or ctx.shape(y)[axis] is None:
+            # a symbolic concat axis (in an input, or in the output where a later input's is): offsets from
+            # here on are unknown, leave them frozen
+            return
         ctx.link(x, axis, y, axis, np.arange(size), offset + np.arange(size))
         offset += size
 
@@ -432,7 +438,7 @@ def _split(ctx: ChannelContext, node: ir.Node) -> None:
     for y in node.outputs:
         size = ctx.shape(y)[axis]
         _identity(ctx, x, y, axes=[a for a in range(rank) if a != axis])
-        if size is None:
+        if size is None or ctx.shape(x)[axis] is None:
             return
         ctx.link(x, axis, y, axis, offset + np.arange(size), np.arange(size))
         offset += size

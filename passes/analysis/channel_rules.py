@@ -905,5 +905,6 @@ def rule_for(node: ir.Node) -> OpRule | None:
 
 
 def _has_unknown_rank(node: ir.Node) -> bool:
-    values = [*_inputs(node), *(v for v in node.outputs if v is not None)]
-    return any(v.shape is None and v.const_value is None for v in values)
+    # outputs nothing reads (BatchNormalization's training statistics, an LSTM's unused states) do not count
+    outputs = [v for v in node.outputs if v is not None and (v.uses() or v.is_graph_output())]
+    return any(v.shape is None and v.const_value is None for v in [*_inputs(node), *outputs])

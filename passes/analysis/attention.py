@@ -282,7 +282,8 @@ def _block_from_core(core: AttentionCore) -> AttentionBlock:
 
 
 def _dim(value: ir.Value | None, axis: int) -> int | None:
-    if value is None or value.shape is None or len(value.shape) <= abs(axis) - (axis < 0):
+    """The static size of `value` along `axis`, or None."""
+    if value is None or value.shape is None or not -len(value.shape) <= axis < len(value.shape):
         return None
     dim = value.shape[axis]
     return dim if isinstance(dim, int) else None

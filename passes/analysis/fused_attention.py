@@ -9,8 +9,8 @@ channel analysis removes the head's Q/K/V projection rows and output-projection 
 grouped-query unit is one key/value head with the query heads that read it, so the grouping survives.
 The rewrites set the head-count attributes (`num_heads`, `q_num_heads`/`kv_num_heads`) to what is left.
 
-Ops with caches (past/present inputs or outputs), unequal `qkv_hidden_sizes`, or an unfamiliar layout get
-no links: their channels freeze, as for a barrier.
+Ops with caches (past/present inputs or outputs), unequal `qkv_hidden_sizes`, unknown shapes or an
+unfamiliar layout get no links: their channels freeze, as for a barrier.
 
 `InferContribShapes` completes the value shapes of graphs with `com.microsoft` ops, which onnx's shape
 inference cannot see through (the channel analysis needs every shape it links).
@@ -70,7 +70,9 @@ def _ms_attention(ctx: ChannelContext, node: ir.Node) -> None:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     heads = node.attributes.get_int("num_heads", 0)
     width = _packed_width(ctx, node)
-    if width is None or not heads or width % heads or _has_cache(node, 4) or ctx.shape(y)[-1] != width:
+    if not (_known(x) and _known(y)) or width is None or not heads or width % heads or _has_cache(node, 4):
+        return
+    if ctx.shape(y)[-1] != width:
         return
     ctx.link(x, -1, weight, 0)
     ctx.role(weight, 0, Role.IN)
@@ -104,7 +106,7 @@ def _ms_multi_head(ctx: ChannelContext, node: ir.Node) -> None:
     query, key, value = (node.inputs[i] if len(node.inputs) > i else None for i in range(3))
     bias = node.inputs[3] if len(node.inputs) > 3 else None
     y, heads = node.outputs[0], node.attributes.get_int("num_heads", 0)
-    if key is None or value is None or not heads or _has_cache(node, 6):
+    if not all(_known(v) for v in (query, key, value, y)) or not heads or _has_cache(node, 6):
         return
     width = ctx.shape(y)[-1]
     if any(len(ctx.shape(v)) != 3 or ctx.shape(v)[-1] != width for v in (query, key, value)) or width % heads:
@@ -134,7 +136,7 @@ def _rewrite_ms_multi_head(ctx: RewriteContext, node: ir.Node) -> None:
 def _onnx_attention(ctx: ChannelContext, node: ir.Node) -> None:
     query, key, value = node.inputs[:3]
     y = node.outputs[0]
-    if _has_cache(node, 4):
+    if not all(_known(v) for v in (query, key, value, y)) or _has_cache(node, 4):
         return
     rank = len(ctx.shape(query))
     if rank == 4:

@@ -154,8 +154,7 @@ def _complete_reshape_shapes(chain: list[ir.Node]) -> bool:
         rest = [d for i, d in enumerate(x) if i not in copied]
         if entries.count(-1) != 1 or not all(isinstance(d, int) for d in rest):
             continue
-        known = int(np.prod([d for d in dims if isinstance(d, int) and d != -1]))
-        dims[entries.index(-1)] = int(np.prod(rest)) // known
+        dims[entries.index(-1)] = int(np.prod(rest)) // int(np.prod([e for e in entries if e > 0]))
         if y.shape is None or list(y.shape) != dims:
             y.shape = ir.Shape(dims)
             modified = True

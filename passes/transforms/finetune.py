@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,9 +36,12 @@ import torch.nn.functional as F
 
 from pcc.compiler.calibration import CalibrationData
 from pcc.compiler.errors import InvalidRequestError
+from pcc.compiler.options import SPARSIFY_ALLOCATORS, check_sparsity
 from pcc.compiler.torch_module import IRModule, trainable_initializers
 from pcc.passes.results import store
 from pcc.passes.transforms.lora import LowRankAdapters, nonzero_masks
+from pcc.passes.transforms.schedules import SCHEDULES, MagnitudeMasks, WeightRewind, cubic_sparsity, round_sparsity
+from pcc.passes.transforms.sparsify_weights import SparsityPattern
 
 __all__ = ["FineTune", "FineTuneReport", "PARAM_MODES", "bias_and_norm_initializers"]
 
@@ -77,12 +81,13 @@ def bias_and_norm_initializers(model: ir.Model) -> list[str]:
 
 @dataclass
 class FineTuneReport:
-    """What `FineTune` did: what it trained, steps, the loss at every step, and time."""
+    """What `FineTune` did: what it trained, its pruning schedule, the loss and sparsity at every step,
+    and time."""
 
     META_KEY = "pcc.finetune"
     PRODUCED_BY = "FineTune"
 
-    epochs: int
+    epochs: int  # passes over the data, all rounds together
     steps: int
     loss: str
     first_loss: float  # mean over the first tenth of the steps
@@ -90,23 +95,38 @@ class FineTuneReport:
     seconds: float
     params: str = "all"  # PARAM_MODES; "lora (rank R)" for adapters
     trained_params: int = 0  # numbers the optimizer updated (adapters counted, not the weights they adapt)
+    schedule: str = "oneshot"  # SCHEDULES, with its pattern and target when it prunes
     losses: list[float] = field(default_factory=list, repr=False)  # per step
+    sparsities: list[float] = field(default_factory=list, repr=False)  # per step: zero fraction of the Conv/Gemm/MatMul weights
+
+    @property
+    def sparsity(self) -> float:
+        """The weights' zero fraction at the end (what was written)."""
+        return self.sparsities[-1] if self.sparsities else 0.0
 
     def summary(self) -> str:
-        return (
-            f"fine-tune: {self.params}, {self.trained_params:,} trained parameters, {self.epochs} epoch(s), "
-            f"{self.steps} steps, {self.loss} loss {self.first_loss:.4f} -> {self.last_loss:.4f} ({self.seconds:.1f} s)"
+        text = (
+            f"fine-tune: {self.epochs} epoch(s), {self.steps} steps, {self.loss} loss {self.first_loss:.4f} -> "
+            f"{self.last_loss:.4f} ({self.seconds:.1f} s); {self.params}, {self.trained_params:,} trained parameters"
         )
+        return text if self.schedule == "oneshot" else f"{text}; {self.schedule}: weights {100 * self.sparsity:.1f}% zero"
 
 
 @dataclass
 class FineTune(ir.passes.InPlacePass):
     """Train the model's float weights on `data` (labels and/or a `teacher`), then write them back.
 
-    `lr` is Adam's peak learning rate, decayed to zero over the run by a cosine schedule; the average
-    loss over the first and the last tenth of the steps is reported. `params` chooses what is trained:
-    `all` weights, only biases and norms (`bn-bias`), or rank-`lora_rank` adapters plus biases and norms
-    (`lora`, merged into the weights when written).
+    `lr` is Adam's peak learning rate, decayed to zero over each training run by a cosine schedule; the
+    average loss over the first and the last tenth of the steps is reported. `params` chooses what is
+    trained: `all` weights, only biases and norms (`bn-bias`), or rank-`lora_rank` adapters plus biases
+    and norms (`lora`, merged into the weights when written).
+
+    With `sparsity` > 0 (or an N:M `sparsify` pattern) the Conv/Gemm/MatMul weights are also pruned to
+    that sparsity in that pattern (`schedules.py`): `oneshot` before training; `gmp` along the cubic
+    ramp over the first `ramp` fraction of the steps, masks recomputed every `prune_every` steps (default:
+    20 times over the ramp), then at the target; `imp` in `rounds` rounds of `epochs` epochs each, the
+    survivors rewound after each to their values after `rewind_step` steps of the first, then a last
+    training run at the target.
     """
 
     data: CalibrationData = field(repr=False)
@@ -119,6 +139,14 @@ class FineTune(ir.passes.InPlacePass):
     keep_zeros: bool = True  # weights (2-D and up) that are exactly zero stay zero: a sparsified model stays sparse
     params: str = "all"  # all | bn-bias | lora
     lora_rank: int = 8
+    schedule: str = "oneshot"  # oneshot | gmp | imp
+    sparsify: str = "unstructured"  # the pattern pruned to: unstructured | nm:N:M | block:RxC
+    sparsity: float = 0.0  # target zero fraction of the Conv/Gemm/MatMul weights (N:M patterns fix it)
+    allocator: str = "uniform"  # how the zeros are split over layers (SparsifyWeights': uniform | global | lamp)
+    ramp: float = 0.75  # gmp: fraction of the steps over which the sparsity rises to the target
+    prune_every: int | None = None  # gmp: steps between mask updates
+    rounds: int = 3  # imp
+    rewind_step: int = 0  # imp: the survivors go back to their values after this many steps (0: the start)
     progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -136,6 +164,31 @@ class FineTune(ir.passes.InPlacePass):
             raise InvalidRequestError(f"--params must be one of {', '.join(PARAM_MODES)}, got {self.params!r}")
         if self.params == "lora" and self.lora_rank < 1:
             raise InvalidRequestError(f"--lora-rank must be at least 1, got {self.lora_rank}")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise InvalidRequestError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_sparsity(self.sparsity)
+        if self.allocator not in SPARSIFY_ALLOCATORS:
+            raise InvalidRequestError(f"--allocator {self.allocator} does not apply to pruning weights; choose from {', '.join(SPARSIFY_ALLOCATORS)}")
+        prunes = self.sparsity > 0 or SparsityPattern.parse(self.sparsify).kind == "nm"
+        if self.schedule == "oneshot":
+            return
+        if not prunes:
+            raise InvalidRequestError(f"--schedule {self.schedule} prunes while training: give --sparsity S > 0")
+        if self.params != "all":
+            raise InvalidRequestError(f"--schedule {self.schedule} prunes the weights it trains: use --params all")
+        if self.schedule == "gmp" and not 0 < self.ramp <= 1:
+            raise InvalidRequestError(f"the gmp ramp is a fraction of the steps in (0, 1], got {self.ramp}")
+        if self.prune_every is not None and self.prune_every < 1:
+            raise InvalidRequestError(f"gmp prunes every N >= 1 steps, got {self.prune_every}")
+        if self.schedule == "imp" and self.rounds < 1:
+            raise InvalidRequestError(f"--rounds must be at least 1, got {self.rounds}")
+        if self.schedule == "imp" and not 0 <= self.rewind_step < self.epochs * self.data.num_batches:
+            raise InvalidRequestError(
+                f"--rewind-step must be a step of the first round (0 to {self.epochs * self.data.num_batches - 1}), got {self.rewind_step}"
+            )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from pcc.backends.onnx.runtime import session
@@ -146,6 +199,11 @@ class FineTune(ir.passes.InPlacePass):
         trained = self._trained_names(model)
         for name, parameter in student.named_weights():
             parameter.requires_grad_(name in trained)
+        masks = nonzero_masks(student, trained) if self.keep_zeros else {}
+        pruner = MagnitudeMasks(model, self.sparsify, self.allocator)
+        target = pruner.target if pruner.target is not None else self.sparsity
+        if self.schedule == "oneshot" and target > 0:  # before the adapters, which keep the zeros made here
+            self._prune(student, masks, pruner.compute(student, target))
         adapters = None
         if self.params == "lora":
             adapters = LowRankAdapters(model, student, self.lora_rank, keep_zeros=self.keep_zeros)
@@ -156,41 +214,59 @@ class FineTune(ir.passes.InPlacePass):
         teacher = None
         if self.teacher is not None:
             teacher = session(ir.serde.serialize_model(self.teacher).SerializeToString())
-        steps = max(1, self.epochs * self.data.num_batches)
-        optimizer = torch.optim.Adam(parameters, lr=self.lr)
-        masks = nonzero_masks(student, trained) if self.keep_zeros else {}
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))))
-        losses: list[float] = []
+        run = _Run(self, student, parameters, adapters, teacher, masks, pruner.names)
         start = time.perf_counter()
-        for epoch in range(self.epochs):
-            bar = f"fine-tune {epoch + 1}/{self.epochs}" if self.progress else None
-            for feeds, labels in self.data.batches(progress=bar, shuffle_seed=self.seed + epoch):
-                outputs = student(feeds, weights=adapters.weights() if adapters is not None else None)
-                targets = teacher.run(None, feeds) if teacher is not None else None
-                loss = self._loss(outputs, labels, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    for name, mask in masks.items():
-                        student.weight(name).mul_(mask)
-                schedule.step()
-                losses.append(float(loss.detach()))
+        if self.schedule == "gmp":
+            ramp = max(1, math.ceil(self.ramp * self.epochs * self.data.num_batches))
+            every = self.prune_every or max(1, ramp // 20)
+
+            def gradual(step: int) -> None:
+                if step <= ramp and (step % every == 0 or step == ramp):
+                    self._prune(student, masks, pruner.compute(student, cubic_sparsity(step, ramp, target)))
+
+            run.train(after_step=gradual)
+        elif self.schedule == "imp":
+            rewind = WeightRewind()
+            if self.rewind_step == 0:
+                rewind.capture(student, trained)
+
+            def remember(step: int) -> None:
+                if step == self.rewind_step:
+                    rewind.capture(student, trained)
+
+            run.train(after_step=remember)
+            for index in range(1, self.rounds + 1):
+                self._prune(student, masks, pruner.compute(student, round_sparsity(index, self.rounds, target)))
+                rewind.restore(student, masks)
+                run.train()
+        else:
+            run.train()
         if adapters is not None:
             adapters.merge()
         student.write_back(model)
+        losses = run.losses
         tenth = max(1, len(losses) // 10)
+        schedule = self.schedule if target == 0 else f"{self.schedule} to {100 * target:.1f}% {self.sparsify}"
         store(
             model,
             FineTuneReport(
-                epochs=self.epochs, steps=len(losses), loss=self._loss_name(),
+                epochs=run.epochs, steps=len(losses), loss=self._loss_name(),
                 first_loss=float(np.mean(losses[:tenth])), last_loss=float(np.mean(losses[-tenth:])),
                 seconds=time.perf_counter() - start,
                 params=f"lora (rank {self.lora_rank})" if adapters is not None else self.params,
-                trained_params=sum(p.numel() for p in parameters), losses=losses,
+                trained_params=sum(p.numel() for p in parameters), schedule=schedule,
+                losses=losses, sparsities=run.sparsities,
             ),
         )
         return ir.passes.PassResult(model, modified=True)
+
+    @staticmethod
+    @torch.no_grad()
+    def _prune(student: IRModule, masks: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+        """Replace the masks of the pruned weights and zero what they remove."""
+        masks.update(new)
+        for name, mask in new.items():
+            student.weight(name).mul_(mask)
 
     def _trained_names(self, model: ir.Model) -> set[str]:
         """The initializers the optimizer updates: all float weights, or only biases and norms."""
@@ -223,3 +299,51 @@ class FineTune(ir.passes.InPlacePass):
             t = self.temperature
             return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean", log_target=True) * t * t
         return F.mse_loss(student, teacher)
+
+
+class _Run:
+    """Training runs of one `FineTune`: each `train()` is `epochs` passes over the data with a fresh
+    Adam and cosine schedule (IMP's rounds each get one); losses and sparsities accumulate across runs."""
+
+    def __init__(self, tune: FineTune, student: IRModule, parameters: list[torch.nn.Parameter],
+                 adapters: LowRankAdapters | None, teacher, masks: dict[str, torch.Tensor], pruned: list[str]) -> None:
+        self.tune, self.student, self.parameters, self.adapters, self.teacher = tune, student, parameters, adapters, teacher
+        self.masks = masks  # updated in place by the schedule
+        self.pruned = pruned
+        self.losses: list[float] = []
+        self.sparsities: list[float] = []
+        self.epochs = 0
+
+    def train(self, after_step: Callable[[int], None] | None = None) -> None:
+        """Train; `after_step(k)` runs after the k-th step (1-based) of this run, masks applied."""
+        tune = self.tune
+        steps = max(1, tune.epochs * tune.data.num_batches)
+        optimizer = torch.optim.Adam(self.parameters, lr=tune.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))))
+        step = 0
+        for epoch in range(tune.epochs):
+            bar = f"fine-tune {self.epochs + 1}" if tune.progress else None
+            for feeds, labels in tune.data.batches(progress=bar, shuffle_seed=tune.seed + self.epochs):
+                weights = self.adapters.weights() if self.adapters is not None else None
+                outputs = self.student(feeds, weights=weights)
+                targets = self.teacher.run(None, feeds) if self.teacher is not None else None
+                loss = tune._loss(outputs, labels, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for name, mask in self.masks.items():
+                        self.student.weight(name).mul_(mask)
+                schedule.step()
+                step += 1
+                if after_step is not None:
+                    after_step(step)
+                self.losses.append(float(loss.detach()))
+                self.sparsities.append(self._sparsity())
+            self.epochs += 1
+
+    @torch.no_grad()
+    def _sparsity(self) -> float:
+        weights = [self.student.weight(name) for name in self.pruned]
+        total = sum(w.numel() for w in weights)
+        return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0

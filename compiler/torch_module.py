@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pcc.compiler.errors import UnsupportedModelError
 
-__all__ = ["IRModule", "TORCH_OPS", "trainable_initializers"]
+__all__ = ["IRModule", "TORCH_OPS", "torch_step", "trainable_initializers"]
 
 Tensor = torch.Tensor
 OpFn = Callable[[list[Tensor | None], dict[str, Any]], list[Tensor] | Tensor]
@@ -607,6 +607,22 @@ def _attribute(attr: ir.Attr) -> Any:
     return value
 
 
+def torch_step(node: ir.Node) -> tuple[OpFn, dict[str, Any]]:
+    """The torch function that runs `node`, and the node's attributes as that function reads them.
+
+    For passes that walk a graph node by node themselves (layer-wise reconstruction) instead of
+    running it whole through `IRModule`.
+    """
+    if node.domain not in ("", "ai.onnx") or node.op_type not in TORCH_OPS:
+        raise UnsupportedModelError(
+            f"no torch implementation of op {node.op_type} (node '{node.name}') for the differentiable copy"
+        )
+    attrs = {k: _attribute(v) for k, v in node.attributes.items()}
+    if node.op_type == "Split":
+        attrs.setdefault("num_outputs", len(node.outputs))
+    return TORCH_OPS[node.op_type], attrs
+
+
 class IRModule(torch.nn.Module):
     """Runs an IR graph with torch; weights are parameters named like their initializers.
 
@@ -634,16 +650,10 @@ class IRModule(torch.nn.Module):
                 self._constants[name] = tensor
         self._program = []
         for node in graph:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in TORCH_OPS:
-                raise UnsupportedModelError(
-                    f"no torch implementation of op {node.op_type} (node '{node.name}') for the differentiable copy"
-                )
-            attrs = {k: _attribute(v) for k, v in node.attributes.items()}
-            if node.op_type == "Split":
-                attrs.setdefault("num_outputs", len(node.outputs))
+            fn, attrs = torch_step(node)
             inputs = [v.name if v is not None else None for v in node.inputs]
             outputs = [v.name for v in node.outputs]
-            self._program.append((node, TORCH_OPS[node.op_type], inputs, outputs, attrs))
+            self._program.append((node, fn, inputs, outputs, attrs))
 
     def named_weights(self) -> Iterable[tuple[str, torch.nn.Parameter]]:
         """(initializer name, parameter) pairs."""

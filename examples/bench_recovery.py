@@ -74,8 +74,8 @@ def main() -> None:
                      "seconds": report.seconds, "first_loss": report.first_loss, "last_loss": report.last_loss})
         print(f"{report.params}: {100 * rows[-1]['top1']:.2f}%", flush=True)
 
-    lines = [f"Fashion-MNIST CNN pruned to {100 * args.sparsity:.0f}% of its parameters (uniform), "
-             f"{args.epochs} epoch(s) of fine-tuning on {train.num_samples:,} images, test top-1 on 10,000 images", "",
+    lines = [(f"Fashion-MNIST CNN pruned to {100 * args.sparsity:.0f}% of its parameters (uniform), "
+             f"{args.epochs} epoch(s) of fine-tuning on {train.num_samples:,} images, test top-1 on 10,000 images"), "",
              "| recovery | test top-1 % | trained params | seconds | loss first -> last |", "| --- | ---: | ---: | ---: | --- |"]
     for row in rows:
         if "seconds" in row:

@@ -43,7 +43,7 @@ from pcc.passes.transforms.lora import LowRankAdapters, nonzero_masks
 from pcc.passes.transforms.schedules import SCHEDULES, MagnitudeMasks, WeightRewind, cubic_sparsity, round_sparsity
 from pcc.passes.transforms.sparsify_weights import SparsityPattern
 
-__all__ = ["FineTune", "FineTuneReport", "PARAM_MODES", "bias_and_norm_initializers"]
+__all__ = ["PARAM_MODES", "FineTune", "FineTuneReport", "bias_and_norm_initializers"]
 
 PARAM_MODES = ("all", "bn-bias", "lora")
 

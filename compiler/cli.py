@@ -31,7 +31,8 @@ from pathlib import Path
 # tvm and the passes are imported by the commands that use them.
 from pcc.compiler.errors import InvalidRequestError, PccError
 from pcc.compiler.options import (
-    ALLOCATOR_NAMES, BUDGETS, CRITERIA, DATA_CRITERIA, HEAD_SHARE, PRUNABLE_KINDS, REDUCTIONS, SPATTEN_CONFIG_NAMES,
+    ALLOCATOR_NAMES, BUDGETS, CRITERIA, DATA_CRITERIA, HEAD_SHARE, PRUNABLE_KINDS, RECONSTRUCT_MODES, REDUCTIONS,
+    SPATTEN_CONFIG_NAMES,
     TARGET_NAMES, CompileOptions, check_sparsity,
 )
 
@@ -125,10 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of other symbolic input axes (a sequence length) when measuring latency (default: 128)"
     )
     compile_.add_argument(
+        "--input-shape", type=_input_shape, action="append", default=[], metavar="NAME=D0,D1,...", dest="input_shapes",
+        help="the shape to analyse and time input NAME at (repeatable), for inputs with symbolic or unknown axes; "
+        "the written model keeps its symbolic axes",
+    )
+    compile_.add_argument(
         "--round-to", type=int, metavar="N", help="keep channel counts multiples of N (default: the target's, 8 for onnx)"
     )
     compile_.add_argument("--seed", type=int, default=0, help="seed for random importance and random test inputs")
     compile_.add_argument("--repeats", type=int, default=20, metavar="N", help="latency runs per model (default: 20)")
+    compile_.add_argument(
+        "--reconstruct", choices=RECONSTRUCT_MODES, metavar="none|bias|ls",
+        help="re-fit the layers after removed units or zeroed weights on --calib, so the pruned model's activations "
+        "match the dense model's: ls (ridge least squares, ThiNet-style; SparseGPT's update for --sparsify), bias "
+        "(FLAP's bias compensation), none (default: ls with --calib, none without)",
+    )
     compile_.add_argument(
         "--no-bn-recalibration", action="store_true",
         help="keep the BatchNorm statistics as trained (by default, with --calib, they are re-estimated after pruning)",
@@ -160,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", type=Path, help="ONNX model file")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.add_argument("--round-to", type=int, default=1, metavar="N", help="as for compile")
+    inspect.add_argument(
+        "--input-shape", type=_input_shape, action="append", default=[], metavar="NAME=D0,D1,...", dest="input_shapes",
+        help="as for compile",
+    )
     inspect.add_argument("--verbose", action="store_true", help="list every group")
     return parser
 
@@ -170,6 +186,14 @@ def _kinds(text: str) -> tuple[str, ...]:
     if unknown or not kinds:
         raise argparse.ArgumentTypeError(f"cannot prune {', '.join(unknown) or 'nothing'}; choose from {', '.join(PRUNABLE_KINDS)}")
     return kinds
+
+
+def _input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, equals, dims = text.partition("=")
+    sizes = dims.replace("x", ",").split(",")
+    if not (name and equals and all(d.strip().isdigit() for d in sizes)):
+        raise argparse.ArgumentTypeError(f"expected NAME=D0,D1,... such as input_ids=1,128, got {text!r}")
+    return name, tuple(int(d) for d in sizes)
 
 
 def _key_bits(text: str) -> tuple[int, int]:
@@ -227,10 +251,12 @@ def _compile(args: argparse.Namespace) -> int:
     from pcc.compiler.pipeline import compile_pipeline
     from pcc.compiler.report import write_report
     from pcc.passes.analysis import DependencyGroups
+    from pcc.passes.transforms.reconstruct import ReconstructionReport
 
     target_options = {"tvm_target": args.tvm_target} if args.target == "tvm" else {}
+    input_shapes = dict(args.input_shapes)
     target = TARGETS[args.target](repeats=args.repeats, progress=progress, seed=args.seed, batch=args.latency_batch,
-                                 length=args.latency_length, **target_options)
+                                 length=args.latency_length, input_shapes=input_shapes, **target_options)
     output = _output_path(args, target)
     model = load_onnx(args.model)
     target.check(model)
@@ -253,7 +279,9 @@ def _compile(args: argparse.Namespace) -> int:
             not calibration.synthetic and not args.no_bn_recalibration
             and any(node.op_type == "BatchNormalization" for node in model.graph)
         ),
+        reconstruct=args.reconstruct or ("none" if calibration.synthetic else "ls"),
         calibration=calibration,
+        input_shapes=input_shapes,
         workers=args.workers,
         ray_address=args.ray,
         sensitivity_cache=_sensitivity_cache(args.model),
@@ -278,6 +306,9 @@ def _compile(args: argparse.Namespace) -> int:
         print("  pass times\n" + result.timing_table())
         groups = result.get(DependencyGroups)
         print("  groups\n" + "\n".join(f"    {g}" for g in groups.groups))
+        reconstruction = result.get(ReconstructionReport)
+        if reconstruction is not None and reconstruction.layers:
+            print("  reconstruction\n" + reconstruction.table())
     if args.report:
         print(f"  report     {write_report(args.report, report, result)}")
     return 0
@@ -297,7 +328,8 @@ _TARGET_ONLY = {
 }
 # what --target spatten decides itself: cascade token + head pruning, no allocator, no channel widths
 _NOT_FOR_SPATTEN = {"--prune": "prune", "--sparsify": "sparsify", "--allocator": "allocator", "--metanet": "metanet",
-                    "--budget": "budget", "--importance": "importance", "--round-to": "round_to", "--report": "report"}
+                    "--budget": "budget", "--importance": "importance", "--round-to": "round_to", "--report": "report",
+                    "--input-shape": "input_shapes", "--reconstruct": "reconstruct"}
 
 
 def _check_target_options(args: argparse.Namespace) -> None:
@@ -399,7 +431,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from pcc.passes.analysis import DependencyGroups
     from pcc.passes.analysis.attention import AttentionBlocks
 
-    result = analysis_pipeline(args.round_to).run(load_onnx(args.model))
+    result = analysis_pipeline(args.round_to, dict(args.input_shapes)).run(load_onnx(args.model))
     groups = result.get(DependencyGroups)
     attention = result.get(AttentionBlocks)
     ops = Counter(node.op_type for node in result.model.graph)

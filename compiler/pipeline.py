@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeVar
 
 import onnx_ir as ir
@@ -23,7 +23,9 @@ from pcc.passes.allocation import ALLOCATORS, AllocateDP
 from pcc.passes.allocation.compare import CompareAllocators
 from pcc.passes.analysis.attention import FindAttentionBlocks
 from pcc.passes.analysis.cost import MeasureCost
+from pcc.passes.analysis.dense_reference import KeepDenseReference, RecordKeptChannels
 from pcc.passes.analysis.dependency_groups import BuildDependencyGroups
+from pcc.passes.analysis.fused_attention import InferContribShapes
 from pcc.passes.analysis.importance import ScoreImportance
 from pcc.passes.analysis.latency import MeasureLatency
 from pcc.passes.analysis.residual_blocks import FindResidualBlocks
@@ -32,11 +34,14 @@ from pcc.passes.analysis.shapes import InferMissingShapes
 from pcc.passes.transforms.canonical_attention import CanonicalAttentionLayout
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
 from pcc.passes.transforms.fold_constants import FoldConstants
+from pcc.passes.transforms.reconstruct import Reconstruct
 from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
 from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 from pcc.passes.transforms.prune_blocks import PruneBlocks
 from pcc.passes.transforms.prune_channels import PruneChannels
 from pcc.passes.transforms.prune_tokens import PruneTokens
+from pcc.passes.transforms.relax_sequence_axis import RelaxSequenceAxis
+from pcc.passes.transforms.resolve_symbolic_shapes import ResolveSymbolicShapes
 from pcc.passes.transforms.sparsify_weights import SparsifyWeights
 
 __all__ = [
@@ -153,13 +158,18 @@ class Pipeline:
         return PipelineResult(model, timings, results)
 
 
-def preparation_passes() -> list[ir.passes.PassBase]:
-    """Make the imported graph analysable: real weight tensors, shapes, static reshapes, attention heads
-    split in a layout the channel rules follow, shuffles as Gathers."""
+def preparation_passes(
+    length: int = 128, input_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> list[ir.passes.PassBase]:
+    """Make the imported graph analysable: real weight tensors, shapes (symbolic axes resolved on copies
+    sized `length` or `input_shapes`, the graph itself keeping them), static reshapes, attention heads split
+    in a layout the channel rules follow, shuffles as Gathers."""
     return [
         FoldConstants(),
         common_passes.ShapeInferencePass(strict_mode=False),
+        InferContribShapes(),  # onnxruntime's shape inference for com.microsoft ops (fused attention), where present
         InferMissingShapes(),
+        ResolveSymbolicShapes(length=length, input_shapes=dict(input_shapes or {})),
         StaticReshapeTargets(),
         CanonicalAttentionLayout(),
         ChannelShuffleToGather(),
@@ -167,9 +177,11 @@ def preparation_passes() -> list[ir.passes.PassBase]:
     ]
 
 
-def analysis_pipeline(round_to: int = 1) -> Pipeline:
+def analysis_pipeline(round_to: int = 1, input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Pipeline:
     """Preparation, attention blocks and dependency groups only: what `pcc inspect` runs."""
-    return Pipeline([*preparation_passes(), FindAttentionBlocks(), BuildDependencyGroups(round_to, GROUP_KINDS)])
+    return Pipeline([
+        *preparation_passes(input_shapes=input_shapes), FindAttentionBlocks(), BuildDependencyGroups(round_to, GROUP_KINDS)
+    ])
 
 
 def compile_pipeline(options: CompileOptions) -> Pipeline:
@@ -179,7 +191,13 @@ def compile_pipeline(options: CompileOptions) -> Pipeline:
     heads) or sparse weights, then the repairs that re-fit what remains, then tokens (which change
     what every later layer sees), and the cost is measured before and after.
     """
-    passes: list[ir.passes.PassBase] = [*preparation_passes(), MeasureCost("before")]
+    # MACs are counted at the sizes latency is timed at, whatever axes the model leaves symbolic
+    sizes = {"batch": options.latency_batch, "length": options.latency_length, "input_shapes": dict(options.input_shapes)}
+    passes: list[ir.passes.PassBase] = [
+        *preparation_passes(options.latency_length, options.input_shapes), MeasureCost("before", **sizes)
+    ]
+    if options.reconstruct != "none":  # the dense activations are the reconstruction's targets
+        passes.append(KeepDenseReference())
     if "blocks" in options.prune:
         passes += block_passes(options)
     passes += group_passes(options)
@@ -187,8 +205,9 @@ def compile_pipeline(options: CompileOptions) -> Pipeline:
         passes.append(SparsifyWeights(options.sparsify, options.sparsity, options.allocator))
     passes += repair_passes(options)
     if "tokens" in options.prune:
-        passes += [FindAttentionBlocks(required_by="--prune tokens"), PruneTokens(sparsity=options.sparsity)]
-    passes.append(MeasureCost("after"))
+        # a fixed-length export gets a symbolic sequence axis first, so later layers can see fewer tokens
+        passes += [RelaxSequenceAxis(), FindAttentionBlocks(required_by="--prune tokens"), PruneTokens(sparsity=options.sparsity)]
+    passes.append(MeasureCost("after", **sizes))
     return Pipeline(passes)
 
 
@@ -215,7 +234,7 @@ def group_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
     ]
     if not kinds:
         return [*passes, ScoreImportance(criterion="l2"), ALLOCATORS["uniform"](sparsity=0.0, budget=options.budget),
-                PruneChannels()]
+                RecordKeptChannels(), PruneChannels()]
     if options.uses_metanet:
         from pcc.metanet.transform import MetanetTransform  # torch-geometric: imported only when asked for
 
@@ -232,7 +251,7 @@ def group_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
             options.sparsity, options.budget, calibration=options.calibration, recalibrate_bn=options.recalibrate_bn,
             workers=options.workers, ray_address=options.ray_address, progress=options.progress,
         ))
-    return [*passes, PruneChannels()]
+    return [*passes, RecordKeptChannels(), PruneChannels()]
 
 
 def allocation_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
@@ -257,10 +276,17 @@ def allocation_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
 
 
 def repair_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
-    """After whatever changed the weights: re-estimate BatchNorm statistics on the calibration data.
+    """After whatever changed the weights: re-fit the layers after them, then re-estimate BatchNorm statistics.
 
-    At sparsity 0 the output must be the input model, statistics included, so nothing runs.
+    Reconstruction aims each re-fitted convolution at the dense one's output before its BatchNorm, so the
+    statistics re-estimated afterwards only absorb what it could not fit. At sparsity 0 the output must be
+    the input model, statistics included, so nothing runs.
     """
     if options.sparsity == 0:
         return []
-    return [RecalibrateBatchNorm(options.calibration)] if options.recalibrate_bn else []
+    passes: list[ir.passes.PassBase] = []
+    if options.reconstruct != "none":
+        passes.append(Reconstruct(options.calibration, mode=options.reconstruct))
+    if options.recalibrate_bn:
+        passes.append(RecalibrateBatchNorm(options.calibration))
+    return passes

@@ -70,6 +70,7 @@ class CompileReport:
     blocks: str | None = None  # the BlockPruneReport summary, with --prune blocks
     tokens: str | None = None  # the TokenPruneReport summary, with --prune tokens
     sparsify: str | None = None  # the SparsifyReport summary, with --sparsify
+    reconstruct: str | None = None  # the ReconstructionReport summary, with --reconstruct bias|ls
     latency_engine: str = "onnxruntime CPU"  # what ran the timed models (dense always in onnxruntime)
     latency_length: int | None = None  # the size given to other symbolic input axes (sequence length) when timing
     outputs_reshaped: list[str] = field(default_factory=list)  # outputs whose shape pruning changed (token axes)
@@ -140,6 +141,8 @@ class CompileReport:
             lines.append(f"  tokens     {self.tokens}")
         if self.sparsify:
             lines.append(f"  sparsify   {self.sparsify}")
+        if self.reconstruct:
+            lines.append(f"  reconstruct {self.reconstruct}")
         if self.predicted_latency_ms_after is not None:
             lines.append(
                 f"  predicted  latency {self.predicted_latency_ms_before:.2f} ms -> {self.predicted_latency_ms_after:.2f} ms "
@@ -216,6 +219,7 @@ def write_report(directory: str | os.PathLike[str], report: CompileReport, resul
     from pcc.passes.allocation.compare import AllocatorComparison
     from pcc.passes.analysis.dependency_groups import DependencyGroups
     from pcc.passes.analysis.sensitivity import Sensitivity
+    from pcc.passes.transforms.reconstruct import ReconstructionReport
 
     directory = Path(directory)
     report.write_json(directory)
@@ -242,6 +246,11 @@ def write_report(directory: str | os.PathLike[str], report: CompileReport, resul
         for method, values in comparison.quality.items():
             md.append(f"| {method} | " + " | ".join(f"{v:.4g}" for v in values) + " |")
         md.append("")
+    reconstruction = result.get(ReconstructionReport)
+    if reconstruction is not None and reconstruction.layers:
+        md += ["## Reconstruction: each re-fitted layer's error vs the dense model", "",
+               "Relative squared error of the layer's output on the calibration data, before and after its re-fit.", "",
+               "```", reconstruction.table(), "```", ""]
     sensitivity = result.get(Sensitivity)
     if sensitivity is not None:
         sensitivity.plot(directory / "rd_curves.png", names=names)

@@ -13,6 +13,7 @@ speed-up from 1.45x to 2.5x. Without spinning, two copies of one model time with
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +57,19 @@ def session(model: bytes | str | Path, threads: int | None = None) -> ort.Infere
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def random_inputs(sess: ort.InferenceSession, seed: int = 0, symbolic: int = 1, length: int | None = None) -> dict[str, np.ndarray]:
+def random_inputs(
+    sess: ort.InferenceSession, seed: int = 0, symbolic: int = 1, length: int | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, np.ndarray]:
     """One random input per model input; symbolic dims become `symbolic` (or, past the first axis, `length`
-    where given: a sequence length), integer inputs are small ids."""
+    where given: a sequence length), inputs named in `shapes` get those, integer inputs are small ids."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in sess.get_inputs():
-        shape = [
+        shape = list((shapes or {}).get(spec.name) or [
             d if isinstance(d, int) and d > 0 else (length if length and axis > 0 else symbolic)
             for axis, d in enumerate(spec.shape)
-        ]
+        ])
         dtype = _NUMPY_TYPES.get(spec.type)
         if dtype is None:
             raise ValueError(f"input '{spec.name}' has unsupported type {spec.type}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcc.backends.onnx.runtime import compare_outputs, paired_latency, random_inputs, session
@@ -20,6 +21,7 @@ from pcc.passes.allocation import Allocation
 from pcc.passes.analysis import CostReport, DependencyGroups
 from pcc.passes.analysis.sensitivity import Sensitivity
 from pcc.passes.transforms import BlockPruneReport, PruneReport, TokenPruneReport
+from pcc.passes.transforms.reconstruct import ReconstructionReport
 from pcc.passes.transforms.sparsify_weights import SparsifyReport
 
 __all__ = ["OnnxTarget", "build_report", "describe_transforms"]
@@ -38,6 +40,7 @@ class OnnxTarget:
     seed: int = 0
     batch: int = 1  # the size given to a symbolic batch axis when timing
     length: int = 128  # the size given to other symbolic axes (a sequence length) when timing
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # --input-shape: whole shapes by input
 
     def default_output(self, model_path: Path) -> Path:
         return Path.cwd() / f"{model_path.stem}.pruned.onnx"
@@ -56,7 +59,7 @@ class OnnxTarget:
         importance: str,
     ) -> CompileReport:
         dense = session(dense_model if isinstance(dense_model, bytes) else str(dense_model))
-        feeds = random_inputs(dense, self.seed, symbolic=self.batch, length=self.length)
+        feeds = random_inputs(dense, self.seed, symbolic=self.batch, length=self.length, shapes=self.input_shapes)
         dense_outputs = dense.run(None, feeds)
         checked: dict[str, object] = {}
 
@@ -81,8 +84,10 @@ class OnnxTarget:
 
 
 def describe_transforms(report: CompileReport, result: PipelineResult) -> None:
-    """The summaries of the transforms beyond channel pruning that ran (metanetwork, blocks, tokens, sparse weights)."""
-    for name, result_type in (("blocks", BlockPruneReport), ("tokens", TokenPruneReport), ("sparsify", SparsifyReport)):
+    """The summaries of the transforms beyond channel pruning that ran (metanetwork, blocks, tokens, sparse weights,
+    reconstruction)."""
+    for name, result_type in (("blocks", BlockPruneReport), ("tokens", TokenPruneReport), ("sparsify", SparsifyReport),
+                              ("reconstruct", ReconstructionReport)):
         found = result.get(result_type)
         setattr(report, name, found.summary() if found is not None else None)
     # the metanetwork's module (and torch-geometric, slow to import) is loaded only by pipelines that run it

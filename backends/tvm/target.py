@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
@@ -76,6 +77,7 @@ class TvmTarget:
     seed: int = 0
     batch: int = 1
     length: int = 128
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # --input-shape: whole shapes by input
     tvm_target: str = "llvm"
 
     def default_output(self, model_path: Path) -> Path:
@@ -84,7 +86,9 @@ class TvmTarget:
     def check(self, model: ir.Model) -> None:
         """Before any pruning work: can TVM's ONNX frontend import this model at all (names the op if not)."""
         shapes = {
-            value.name: [d if isinstance(d, int) else (self.batch if axis == 0 else self.length) for axis, d in enumerate(value.shape)]
+            value.name: list(self.input_shapes.get(value.name) or [
+                d if isinstance(d, int) else (self.batch if axis == 0 else self.length) for axis, d in enumerate(value.shape)
+            ])
             for value in model.graph.inputs
         }
         import_relax(model, shapes)
@@ -95,7 +99,7 @@ class TvmTarget:
             raise InvalidRequestError(f"--target tvm writes a shared library: -o must end in .so, got {output}")
         target = resolve_tvm_target(self.tvm_target)
         dense = session(dense_model if isinstance(dense_model, bytes) else str(dense_model))
-        feeds = random_inputs(dense, self.seed, symbolic=self.batch, length=self.length)
+        feeds = random_inputs(dense, self.seed, symbolic=self.batch, length=self.length, shapes=self.input_shapes)
         pruned_onnx = session(ir.serde.serialize_model(result.model).SerializeToString())
         shapes = {spec.name: list(feeds[spec.name].shape) for spec in pruned_onnx.get_inputs()}
         sparsify = result.get(SparsifyReport)

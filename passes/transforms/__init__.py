@@ -11,6 +11,8 @@ from pcc.passes.transforms.prune_kv_cache import KVCacheReport, PruneKVCache
 from pcc.passes.transforms.prune_channels import PruneChannels, PruneReport
 from pcc.passes.transforms.prune_tokens import PruneTokens, TokenPruneReport, token_keep_schedule
 from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
+from pcc.passes.transforms.relax_sequence_axis import RelaxSequenceAxis
+from pcc.passes.transforms.resolve_symbolic_shapes import ResolveSymbolicShapes
 from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "PruneReport",
     "PruneTokens",
     "RecalibrateBatchNorm",
+    "RelaxSequenceAxis",
+    "ResolveSymbolicShapes",
     "StaticReshapeTargets",
     "TokenPruneReport",
     "token_keep_schedule",

@@ -78,7 +78,7 @@ def _forget_head_count(core: AttentionCore) -> None:
             # past the softmax only the context is the core's: other readers of the probabilities (token
             # pruning's score sums) already reduce the head axis away and keep their shapes
             if node is core.softmax:
-                stack.append(core.context)
+                stack.extend((*core.guard, core.context))
             elif node is not core.context:
                 stack.extend(use.node for use in out.uses())
 

@@ -39,6 +39,7 @@ import torch
 
 from pcc.compiler.calibration import CalibrationData
 from pcc.compiler.errors import InvalidRequestError
+from pcc.compiler.options import RECONSTRUCT_MODES
 from pcc.compiler.torch_module import TORCH_OPS, torch_step
 from pcc.passes.analysis.dense_reference import DenseReference
 from pcc.passes.analysis.dependency_groups import is_parameter
@@ -48,7 +49,7 @@ from pcc.passes.transforms.sparsegpt import sparsegpt_update
 __all__ = ["Reconstruct", "ReconstructionReport", "LayerFit", "reconstruct", "RECONSTRUCTION_METHODS"]
 
 Tensor = torch.Tensor
-RECONSTRUCTION_METHODS = ("ls", "bias")
+RECONSTRUCTION_METHODS = tuple(mode for mode in RECONSTRUCT_MODES if mode != "none")
 _CHUNK_ELEMENTS = 1 << 22  # im2col patches are built this many elements at a time
 
 

@@ -57,3 +57,16 @@ def test_the_command_line_parses_without_importing_onnx_or_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_input_shape_flag_parses_and_refuses_in_one_line(capsys):
+    from pcc.compiler import cli
+
+    args = cli.build_parser().parse_args(
+        ["compile", "m.onnx", "--sparsity", "0.5", "--input-shape", "input_ids=1,128", "--input-shape", "x=2x3x8x8"]
+    )
+    assert dict(args.input_shapes) == {"input_ids": (1, 128), "x": (2, 3, 8, 8)}
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["inspect", "m.onnx", "--input-shape", "input_ids"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("pcc: error: argument --input-shape: expected NAME=D0,D1,...")

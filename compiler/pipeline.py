@@ -28,6 +28,7 @@ from pcc.passes.analysis.dependency_groups import BuildDependencyGroups
 from pcc.passes.analysis.fused_attention import InferContribShapes
 from pcc.passes.analysis.importance import ScoreImportance
 from pcc.passes.analysis.latency import MeasureLatency
+from pcc.passes.analysis.reshape_shapes import InferReshapeShapes
 from pcc.passes.analysis.residual_blocks import FindResidualBlocks
 from pcc.passes.analysis.sensitivity import MeasureSensitivity
 from pcc.passes.analysis.shapes import InferMissingShapes
@@ -169,6 +170,7 @@ def preparation_passes(
         common_passes.ShapeInferencePass(strict_mode=False),
         InferContribShapes(),  # onnxruntime's shape inference for com.microsoft ops (fused attention), where present
         InferMissingShapes(),
+        InferReshapeShapes(),  # run-time Flatten/Reshape targets of converters (Paddle, TF), read through their arithmetic
         ResolveSymbolicShapes(length=length, input_shapes=dict(input_shapes or {})),
         StaticReshapeTargets(),
         CanonicalAttentionLayout(),

@@ -31,8 +31,8 @@ from pathlib import Path
 # tvm and the passes are imported by the commands that use them.
 from pcc.compiler.errors import InvalidRequestError, PccError
 from pcc.compiler.options import (
-    ALLOCATOR_NAMES, BUDGETS, CRITERIA, DATA_CRITERIA, HEAD_SHARE, PRUNABLE_KINDS, RECONSTRUCT_MODES, REDUCTIONS,
-    SPATTEN_CONFIG_NAMES,
+    ALLOCATOR_NAMES, BUDGETS, CRITERIA, DATA_CRITERIA, FINETUNE_PARAMS, HEAD_SHARE, PRUNABLE_KINDS, RECONSTRUCT_MODES,
+    REDUCTIONS, SCHEDULES, SPATTEN_CONFIG_NAMES,
     TARGET_NAMES, CompileOptions, check_sparsity,
 )
 
@@ -158,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed (default: 1e-3)")
     finetune.add_argument("--batch-size", type=int, default=64, metavar="N", help="training batch (default: 64)")
     finetune.add_argument("--eval", type=Path, metavar="FILE", help="labelled .npz to report top-1 accuracy on, before and after")
+    finetune.add_argument(
+        "--params", choices=FINETUNE_PARAMS, default="all",
+        help="what is trained: all weights; bn-bias, only biases and norm scales/shifts (PERP); lora, low-rank adapters "
+        "(plus biases and norms) merged into the weights on write (default: all)",
+    )
+    finetune.add_argument("--lora-rank", type=int, default=8, metavar="R", help="rank of the --params lora adapters (default: 8)")
+    finetune.add_argument(
+        "--schedule", choices=SCHEDULES, default="oneshot",
+        help="with --sparsify: oneshot keeps the zeros the model has; gmp raises the zero fraction to --sparsity on a "
+        "cubic ramp while training (Zhu & Gupta); imp prunes in --rounds, rewinding survivors to --rewind-step (default: oneshot)",
+    )
+    finetune.add_argument("--sparsify", metavar="PATTERN", default="unstructured",
+                          help="with --schedule gmp|imp: unstructured, nm:N:M or block:RxC (default: unstructured)")
+    finetune.add_argument("--sparsity", type=float, default=0.0, metavar="S",
+                          help="with --schedule gmp|imp: the fraction of Conv/Gemm/MatMul weights zero at the end")
+    finetune.add_argument("--rounds", type=int, default=3, metavar="N", help="--schedule imp: prune/rewind rounds (default: 3)")
+    finetune.add_argument("--rewind-step", type=int, default=0, metavar="K",
+                          help="--schedule imp: survivors go back to their values after K steps (default: 0, the start)")
     finetune.add_argument("-o", "--output", type=Path, help="output file (default: ./MODEL.finetuned.onnx)")
     finetune.add_argument("--seed", type=int, default=0, help="seed for the data order")
     finetune.add_argument("--verbose", action="store_true", help="library warnings")
@@ -398,7 +416,15 @@ def _finetune(args: argparse.Namespace) -> int:
     teacher = load_onnx(args.teacher) if args.teacher else None
     evaluation = load_calibration(model, args.eval, batch_size=256) if args.eval else None
     before = top1_accuracy(str(args.model), evaluation) if evaluation else None
-    tune = FineTune(data, teacher, epochs=args.epochs, lr=args.lr, seed=args.seed, progress=sys.stderr.isatty())
+    if args.schedule != "oneshot" and args.sparsity <= 0:
+        raise InvalidRequestError(f"--schedule {args.schedule} prunes while training: give the final --sparsity in (0, 1)")
+    if args.schedule == "oneshot" and args.sparsity > 0:
+        raise InvalidRequestError("--sparsity applies to --schedule gmp|imp; a oneshot fine-tune keeps the model's own zeros")
+    tune = FineTune(
+        data, teacher, epochs=args.epochs, lr=args.lr, seed=args.seed, params=args.params, lora_rank=args.lora_rank,
+        schedule=args.schedule, sparsify=args.sparsify, sparsity=args.sparsity, rounds=args.rounds,
+        rewind_step=args.rewind_step, progress=sys.stderr.isatty(),
+    )
     result = Pipeline([tune]).run(model)
     write_checked(result.model, output, verify=lambda staged: session(staged))
     print(f"pcc: {args.model} -> {output} (fine-tuned)")

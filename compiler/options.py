@@ -27,11 +27,13 @@ __all__ = [
     "BUDGETS",
     "CRITERIA",
     "DATA_CRITERIA",
+    "FINETUNE_PARAMS",
     "GROUP_KINDS",
     "HEAD_SHARE",
     "PRUNABLE_KINDS",
     "RECONSTRUCT_MODES",
     "REDUCTIONS",
+    "SCHEDULES",
     "SPARSIFY_ALLOCATORS",
     "SPATTEN_CONFIG_NAMES",
     "TARGET_NAMES",
@@ -52,6 +54,10 @@ BUDGETS = ("params", "macs", "latency")
 # repair after removal: none, FLAP's bias compensation, or layer-wise least squares (ThiNet / He et al.)
 RECONSTRUCT_MODES = ("none", "bias", "ls")
 SPATTEN_CONFIG_NAMES = ("eighth", "full")
+# pcc finetune: what is trained (every weight; PERP's biases and norms; low-rank adapters merged on write)
+FINETUNE_PARAMS = ("all", "bn-bias", "lora")
+# pcc finetune: when weights are zeroed (before training; Zhu & Gupta's gradual ramp; iterative magnitude pruning)
+SCHEDULES = ("oneshot", "gmp", "imp")
 HEAD_SHARE = 0.25  # --target spatten: head sparsity = HEAD_SHARE x the requested token x head sparsity
 
 

@@ -70,3 +70,27 @@ def test_input_shape_flag_parses_and_refuses_in_one_line(capsys):
         cli.main(["inspect", "m.onnx", "--input-shape", "input_ids"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("pcc: error: argument --input-shape: expected NAME=D0,D1,...")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--schedule", "gmp"], "--schedule gmp prunes while training: give the final --sparsity"),
+        (["--sparsity", "0.5"], "--sparsity applies to --schedule gmp|imp"),
+    ],
+)
+def test_finetune_schedule_flags_are_checked_before_any_work(tmp_path, capsys, flags, message):
+    from pcc.compiler import cli
+    from pcc.compiler.frontend import from_torch
+
+    import onnx_ir as ir
+    import torch
+
+    model_path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    ir.save(from_torch(torch.nn.Linear(4, 3), (torch.zeros(2, 4),), input_names=["x"], dynamic_batch=True), model_path)
+    import numpy as np
+
+    np.savez(data, x=np.zeros((8, 4), np.float32), labels=np.zeros(8, np.int64))
+    assert cli.main(["finetune", str(model_path), "--data", str(data), "-o", str(tmp_path / "o.onnx"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()

@@ -62,12 +62,18 @@ def random_inputs(
     shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """One random input per model input; symbolic dims become `symbolic` (or, past the first axis, `length`
-    where given: a sequence length), inputs named in `shapes` get those, integer inputs are small ids."""
+    where given: a sequence length), inputs named in `shapes` get those, integer inputs are small ids.
+
+    A symbolic dim past the first axis that shares its name with some input's first axis is a batch axis too
+    (a recurrent state `[2, batch, 128]` next to an input `[batch, samples]`): it takes `symbolic`, or the
+    model would not run on its own inputs."""
     rng = np.random.default_rng(seed)
+    batch_names = {spec.shape[0] for spec in sess.get_inputs() if spec.shape and isinstance(spec.shape[0], str)}
     feeds = {}
     for spec in sess.get_inputs():
         shape = list((shapes or {}).get(spec.name) or [
-            d if isinstance(d, int) and d > 0 else (length if length and axis > 0 else symbolic)
+            d if isinstance(d, int) and d > 0
+            else (length if length and axis > 0 and d not in batch_names else symbolic)
             for axis, d in enumerate(spec.shape)
         ])
         dtype = _NUMPY_TYPES.get(spec.type)

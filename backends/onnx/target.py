@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pcc.backends.onnx.runtime import compare_outputs, paired_latency, random_inputs, session
 from pcc.backends.onnx.writer import write_checked
+from pcc.compiler.errors import InvalidRequestError
 from pcc.compiler.pipeline import PipelineResult
 from pcc.compiler.report import CompileReport
 from pcc.passes.allocation import Allocation
@@ -60,7 +61,15 @@ class OnnxTarget:
     ) -> CompileReport:
         dense = session(dense_model if isinstance(dense_model, bytes) else str(dense_model))
         feeds = random_inputs(dense, self.seed, symbolic=self.batch, length=self.length, shapes=self.input_shapes)
-        dense_outputs = dense.run(None, feeds)
+        try:
+            dense_outputs = dense.run(None, feeds)
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException types
+            tried = ", ".join(f"{name}={','.join(map(str, value.shape))}" for name, value in feeds.items())
+            first = dense.get_inputs()[0].name
+            raise InvalidRequestError(
+                f"the input model does not run in onnxruntime at the sizes tried ({tried}): "
+                f"{str(error).splitlines()[0][:200]}; give sizes that run with --input-shape {first}=D0,D1,..."
+            ) from error
         checked: dict[str, object] = {}
 
         def run_before_commit(staged: Path) -> None:

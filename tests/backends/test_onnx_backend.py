@@ -62,3 +62,39 @@ def test_random_inputs_and_comparison(zoo_cache):
     assert compare_outputs(out, [o + 1 for o in out]).max_abs == pytest.approx(1.0)
     latency = paired_latency(sess, sess, feeds, repeats=3)
     assert latency.dense_ms > 0 and latency.speedup > 0
+
+
+def _export(module, args, names, dynamic_axes, path):
+    import torch
+
+    torch.onnx.export(module.eval(), args, str(path), input_names=names, dynamic_axes=dynamic_axes, dynamo=False)
+    return path
+
+
+def test_state_axis_named_like_the_batch_takes_the_batch_size(tmp_path):
+    """A recurrent state [layers, batch, hidden] next to x [batch, time, features]: the state's batch axis gets
+    the batch size, not the sequence length, so the dense model runs."""
+    import torch
+
+    gru = torch.nn.GRU(8, 16, num_layers=2, batch_first=True)
+    path = _export(gru, (torch.randn(1, 5, 8), torch.randn(2, 1, 16)), ["x", "h"],
+                   {"x": {0: "batch", 1: "time"}, "h": {1: "batch"}}, tmp_path / "gru.onnx")
+    sess = session(str(path))
+    feeds = random_inputs(sess, symbolic=3, length=7)
+    assert feeds["x"].shape == (3, 7, 8) and feeds["h"].shape == (2, 3, 16)
+    assert sess.run(None, feeds)[0].shape == (3, 7, 16)
+
+
+def test_dense_model_that_does_not_run_is_refused_with_the_sizes_tried(tmp_path):
+    """A Linear over a symbolic axis runs only at its own width: the default length fails in onnxruntime and the
+    target refuses with the sizes it tried and the --input-shape way out (exit 2, not a traceback)."""
+    import torch
+
+    from pcc.compiler.errors import InvalidRequestError
+
+    path = _export(torch.nn.Linear(16, 4), (torch.randn(1, 16),), ["x"], {"x": {0: "batch", 1: "width"}},
+                   tmp_path / "linear.onnx")
+    with pytest.raises(InvalidRequestError, match=r"x=1,128.*--input-shape x=D0,D1"):
+        OnnxTarget(repeats=1, length=128).emit(None, path, tmp_path / "p.onnx", model_name="l", allocator="uniform",
+                                                importance="l2")
+    assert not (tmp_path / "p.onnx").exists()

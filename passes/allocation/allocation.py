@@ -74,12 +74,18 @@ class Allocation:
                 f"\nadditivity check: sum of single-group distortions {self.predicted_distortion:.4g}, "
                 f"measured with all groups pruned {own:.4g}"
             )
-        if self.kept_from is not None and own is not None:
-            line += f"\ndp: kept {self.kept_from}'s allocation (joint distortion {self.measured_distortion:.4g} vs {own:.4g})"
-        elif len(self.candidates) > 1:
-            others = ", ".join(f"{name} {value:.4g}" for name, value in self.candidates.items() if name != "dp")
-            line += f"\ndp: its own allocation measured best (joint distortion {own:.4g}; {others})"
-        return line
+        guard = self.guard_line()
+        return line if guard is None else f"{line}\n{guard}"
+
+    def guard_line(self) -> str | None:
+        """What the DP's guard decided, when it measured the simple allocators too (else None)."""
+        own = self.candidates.get("dp")
+        if own is None or len(self.candidates) < 2:
+            return None
+        if self.kept_from is not None:
+            return f"dp: kept {self.kept_from}'s allocation (joint distortion {self.measured_distortion:.4g} vs {own:.4g})"
+        others = ", ".join(f"{name} {value:.4g}" for name, value in self.candidates.items() if name != "dp")
+        return f"dp: its own allocation measured best (joint distortion {own:.4g}; {others})"
 
 
 _BUDGET_TEXT = {"params": "prunable params", "macs": "MACs", "latency": "latency (predicted)"}

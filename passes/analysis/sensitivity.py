@@ -199,7 +199,7 @@ class Sampling:
     """
 
     relative_error: float = 0.1
-    min_samples: int = 64
+    min_samples: int = 32
     absolute_error: float = 1e-3
     repair_samples: int = 256
 

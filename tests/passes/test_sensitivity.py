@@ -171,11 +171,11 @@ def test_the_sweep_repairs_each_variant_as_the_final_model_is_repaired(zoo_cache
     repaired = VariantMeter.dense(model, groups, calibration, repair=Repair(reconstruct="ls"))
     full = np.asarray([g.num_units for g in groups.groups])
     lowered = 0
-    for group in [g for g in groups.groups if g.prunable][-4:]:
+    for group in [g for g in groups.groups if g.prunable][-3:]:
         keep = full.copy()
         keep[group.index] = max(group.min_units, group.num_units // 2)
         removed = planner.mask(keep)
         on_region, _ = repaired.region(group.index, removed)
         assert on_region == pytest.approx(repaired.joint(removed).distortion, rel=1e-3, abs=1e-9)
         lowered += on_region < plain.region(group.index, removed)[0]
-    assert lowered >= 3
+    assert lowered >= 2

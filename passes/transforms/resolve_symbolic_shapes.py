@@ -176,8 +176,22 @@ class ResolveSymbolicShapes(ir.passes.InPlacePass):
                                 shape=ir.Shape(target.shape), type=ir.TensorType(ir.DataType.INT64))
             model.graph.register_initializer(constant)
             node.replace_input_with(1, constant)
+            _drop_stale_rank(node.outputs[0], target, node.inputs[0].shape)
             modified = True
         return modified
+
+
+def _drop_stale_rank(output: ir.Value, target: np.ndarray, input_shape: ir.Shape | None) -> None:
+    """An exporter's annotation of the other rank is wrong (ddddocr declares its CTC output `[1, seqlen]`,
+    the Reshape makes `[T, 1, classes]`): once the target is constant, shape inference knows the rank and the
+    full checker refuses the clash, so the annotation is rebuilt from the target."""
+    if output.shape is None or len(output.shape) == len(target):
+        return
+    output.shape = ir.Shape([
+        int(t) if t > 0 else (input_shape[i] if t == 0 and input_shape is not None and i < len(input_shape)
+                              else ir.SymbolicDim(None))
+        for i, t in enumerate(target)
+    ])
 
 
 def _differ(new, old) -> bool:

@@ -146,3 +146,33 @@ def test_macs_of_a_symbolic_length_encoder_are_counted_at_the_latency_length(dyn
         expected = layers * (length * (4 * dim * dim + 2 * dim * hidden) + 2 * length * length * dim)
         assert measure_cost(model, batch=1, length=length).macs == expected
     assert measure_cost(model, batch=3, length=16).macs == 3 * measure_cost(model, batch=1, length=16).macs
+
+
+class _Sequence(nn.Module):
+    """A run-time Reshape target over symbolic axes ([batch, width, 12] split to [batch, width, 3, 4])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 12)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y.reshape(y.shape[0], y.shape[1], 3, -1)
+
+
+def test_an_output_declared_at_the_wrong_rank_is_rebuilt_from_the_constant_target(tmp_path):
+    path = tmp_path / "seq.onnx"
+    torch.onnx.export(_Sequence().eval(), (torch.randn(1, 5, 8),), str(path), input_names=["x"],
+                      dynamic_axes={"x": {0: "batch", 1: "width"}}, dynamo=False)
+    proto = onnx.load(str(path))
+    output = proto.graph.output[0].type.tensor_type.shape
+    del output.dim[:]
+    output.dim.add().dim_value = 1  # the exporter's stale `[1, seqlen]`, as ddddocr's common.onnx declares
+    output.dim.add().dim_param = "seqlen"
+    model = ir.serde.deserialize_model(proto)
+    ResolveSymbolicShapes()(model)
+    shape = model.graph.outputs[0].shape
+    assert len(shape) == 4 and shape[2] == 3
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)  # the clash made this raise
+    x = np.random.default_rng(0).standard_normal((2, 7, 8)).astype(np.float32)
+    assert run_onnx(ir.serde.serialize_model(model), {"x": x})[0].shape == (2, 7, 3, 4)

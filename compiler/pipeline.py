@@ -30,7 +30,7 @@ from pcc.passes.analysis.importance import ScoreImportance
 from pcc.passes.analysis.latency import MeasureLatency
 from pcc.passes.analysis.reshape_shapes import InferReshapeShapes
 from pcc.passes.analysis.residual_blocks import FindResidualBlocks
-from pcc.passes.analysis.sensitivity import MeasureSensitivity
+from pcc.passes.analysis.sensitivity import MeasureSensitivity, Repair
 from pcc.passes.analysis.shapes import InferMissingShapes
 from pcc.passes.transforms.canonical_attention import CanonicalAttentionLayout
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
@@ -250,7 +250,7 @@ def group_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
     passes += allocation_passes(options)
     if options.compare_allocators:
         passes.append(CompareAllocators(
-            options.sparsity, options.budget, calibration=options.calibration, recalibrate_bn=options.recalibrate_bn,
+            options.sparsity, options.budget, calibration=options.calibration, repair=variant_repair(options),
             workers=options.workers, ray_address=options.ray_address, progress=options.progress,
         ))
     return [*passes, RecordKeptChannels(), PruneChannels()]
@@ -262,11 +262,11 @@ def allocation_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
         return [
             MeasureSensitivity(
                 calibration=options.calibration, workers=options.workers, ray_address=options.ray_address,
-                cache=options.sensitivity_cache, recalibrate_bn=options.recalibrate_bn, progress=options.progress,
+                cache=options.sensitivity_cache, repair=variant_repair(options), progress=options.progress,
             ),
             AllocateDP(
                 sparsity=options.sparsity, budget=options.budget, calibration=options.calibration,
-                recalibrate_bn=options.recalibrate_bn, workers=options.workers, ray_address=options.ray_address,
+                repair=variant_repair(options), workers=options.workers, ray_address=options.ray_address,
             ),
         ]
     if options.allocator == "metanet":
@@ -275,6 +275,11 @@ def allocation_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
         allocator = AllocateMetanet if options.sparsity > 0 else ALLOCATORS["global"]
         return [allocator(sparsity=options.sparsity, budget=options.budget)]
     return [ALLOCATORS[options.allocator](sparsity=options.sparsity, budget=options.budget)]
+
+
+def variant_repair(options: CompileOptions) -> Repair:
+    """What every variant a sweep or comparison measures gets, so it measures the model that will be produced."""
+    return Repair(recalibrate_bn=options.recalibrate_bn, reconstruct=options.reconstruct)
 
 
 def repair_passes(options: CompileOptions) -> list[ir.passes.PassBase]:

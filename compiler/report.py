@@ -62,6 +62,7 @@ class CompileReport:
     distortion_predicted: float | None = None  # the DP's additivity check
     distortion_measured: float | None = None
     distortion_metric: str | None = None
+    dp_guard: str | None = None  # the DP's guard: its joint distortion vs the simple allocators', and which it kept
     sensitivity_seconds: float | None = None
     sensitivity_reused: bool = False
     calib_accuracy_before: float | None = None  # on the calibration data, when it has labels
@@ -157,6 +158,8 @@ class CompileReport:
                 f"  additivity sum of single-group distortions {self.distortion_predicted:.4g}, "
                 f"measured jointly {self.distortion_measured:.4g} ({self.distortion_metric})"
             )
+        if self.dp_guard:
+            lines.append(f"  guard      {self.dp_guard}")
         if self.calib_accuracy_before is not None:
             lines.append(
                 f"  accuracy   {100 * self.calib_accuracy_before:.2f}% -> {100 * self.calib_accuracy_after:.2f}% "

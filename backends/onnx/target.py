@@ -154,7 +154,8 @@ def _analysis_fields(result, allocation: Allocation) -> dict[str, object]:
     if allocation.predicted_distortion is not None:
         fields.update(
             distortion_predicted=allocation.predicted_distortion,
-            distortion_measured=allocation.measured_distortion,
+            distortion_measured=allocation.candidates.get("dp", allocation.measured_distortion),
+            dp_guard=allocation.guard_line(),
             distortion_metric=sensitivity.metric if sensitivity is not None else None,
         )
     return fields

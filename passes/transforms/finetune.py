@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from pcc.compiler.calibration import CalibrationData
 from pcc.compiler.errors import InvalidRequestError
-from pcc.compiler.options import SPARSIFY_ALLOCATORS, check_sparsity
+from pcc.compiler.options import FINETUNE_PARAMS, SPARSIFY_ALLOCATORS, check_sparsity
 from pcc.compiler.torch_module import IRModule, trainable_initializers
 from pcc.passes.results import store
 from pcc.passes.transforms.lora import LowRankAdapters, nonzero_masks
@@ -45,7 +45,7 @@ from pcc.passes.transforms.sparsify_weights import SparsityPattern
 
 __all__ = ["PARAM_MODES", "FineTune", "FineTuneReport", "bias_and_norm_initializers"]
 
-PARAM_MODES = ("all", "bn-bias", "lora")
+PARAM_MODES = FINETUNE_PARAMS
 
 # Inputs that are a bias or a normalisation scale/shift, by op: (op type, input indices)
 _BIAS_AND_NORM_INPUTS = {

@@ -25,10 +25,10 @@ import torch
 
 from pcc.compiler.torch_module import IRModule
 from pcc.passes.transforms.sparsify_weights import SparsifyWeights, SparsityPattern, sparse_weight_layers
+from pcc.compiler.options import SCHEDULES
 
 __all__ = ["SCHEDULES", "MagnitudeMasks", "WeightRewind", "cubic_sparsity", "round_sparsity"]
 
-SCHEDULES = ("oneshot", "gmp", "imp")
 
 
 def cubic_sparsity(step: int, ramp_steps: int, target: float) -> float:

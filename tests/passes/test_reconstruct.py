@@ -85,7 +85,8 @@ def _with_reconstruction(pipeline: Pipeline, calibration: CalibrationData, mode:
     """The wiring `pcc compile --reconstruct` uses: a dense reference after preparation, the kept channels
     noted before PruneChannels, the re-fit after it (after SparsifyWeights when weights are sparsified)."""
     pipeline.insert(pipeline.index(MeasureCost) + 1, KeepDenseReference())
-    pipeline.insert(pipeline.index(PruneChannels), RecordKeptChannels())
+    if not any(isinstance(p, RecordKeptChannels) for p in pipeline):  # compile_pipeline places it itself
+        pipeline.insert(pipeline.index(PruneChannels), RecordKeptChannels())
     if mode is not None:
         last = max(i for i, p in enumerate(pipeline) if isinstance(p, (PruneChannels, SparsifyWeights)))
         pipeline.insert(last + 1, Reconstruct(calibration, mode=mode))

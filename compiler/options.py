@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -150,11 +150,3 @@ class CompileOptions:
     def uses_metanet(self) -> bool:
         # at sparsity 0 the output must be the input model, so the metanetwork's rewrite is skipped
         return (self.metanet or self.allocator == "metanet") and self.sparsity > 0
-
-    def with_(self, **changes) -> CompileOptions:
-        """A copy with some options changed (checked again)."""
-        return replace(self, **changes)
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))

@@ -162,21 +162,16 @@ class Pipeline:
 def preparation_passes(
     length: int = 128, input_shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> list[ir.passes.PassBase]:
-    """Make the imported graph analysable: real weight tensors, shapes, static reshapes, attention heads split
-    in a layout the channel rules follow, shuffles as Gathers.
-
-    With `input_shapes` (`--input-shape`), symbolic axes are first resolved on copies sized that way (the
-    graph itself keeps them). Not by default yet: at the representative length a model whose position table
-    is shorter (a BERT with 32 positions) folded to a wrong Expand target, so the sizes must come from the user.
-    """
-    resolve = [ResolveSymbolicShapes(length=length, input_shapes=dict(input_shapes))] if input_shapes else []
+    """Make the imported graph analysable: real weight tensors, shapes (symbolic axes resolved on copies sized
+    `length` or `input_shapes`, the graph itself keeping them), static reshapes, attention heads split in a
+    layout the channel rules follow, shuffles as Gathers."""
     return [
         FoldConstants(),
         common_passes.ShapeInferencePass(strict_mode=False),
         InferContribShapes(),  # onnxruntime's shape inference for com.microsoft ops (fused attention), where present
         InferMissingShapes(),
         InferReshapeShapes(),  # run-time Flatten/Reshape targets of converters (Paddle, TF), read through their arithmetic
-        *resolve,
+        ResolveSymbolicShapes(length=length, input_shapes=dict(input_shapes or {})),
         StaticReshapeTargets(),
         CanonicalAttentionLayout(),
         ChannelShuffleToGather(),

@@ -27,6 +27,13 @@ representative sizes and at twice them, and compares them, then annotates the *o
 Everything else that depends on the sizes (an Expand to the batch, a Range over the length) stays the
 graph's own run-time computation, so the pruned model still runs at any batch and length. The sizes are
 batch 1 and `length` for other symbolic axes, or the user's `input_shapes` (`--input-shape`).
+
+Sizes the model cannot run at fold to nonsense: a BERT whose position table has 32 rows, specialised at
+128 tokens, slices 32 rows at both sizes, so the slice looks static and its Expand target is frozen at 32.
+So the pass runs the model in onnxruntime at both sizes first and halves the length until it runs at both
+(the table bounds it); and it checks its result: the resolved graph must give the original's outputs at
+sizes between the two copies', where nothing was folded. When either check fails the model is left as
+it is (no error): the analysis then sees what onnx's inference alone gives.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
@@ -43,6 +51,9 @@ from pcc.passes.analysis.shapes import needs_specialising, representative_shapes
 __all__ = ["ResolveSymbolicShapes"]
 
 _SMALL = 64  # run-time tensors up to this many elements are shape arithmetic worth freezing
+_SHORTEST = 4  # the length is halved down to this while the model does not run at it
+
+Sizes = dict[str, list[int]]
 
 
 def _values(model: ir.Model) -> dict[str, ir.Value]:
@@ -92,93 +103,200 @@ class ResolveSymbolicShapes(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not needs_specialising(model, self.input_shapes):
             return ir.passes.PassResult(model, False)
-        copies = self._specialise(model)
-        modified = self._annotate_shapes(model, copies)
-        modified |= self._freeze_shape_arithmetic(model, copies)
-        modified |= self._constant_reshape_targets(model, copies)
-        if modified:
-            common_passes.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, modified)
+        original = ir.serde.serialize_model(model)
+        runner = _Runner.of(original)
+        sizes = None if runner is None else self._sizes_that_run(model, runner)
+        if sizes is None:
+            return ir.passes.PassResult(model, False)
+        copies = _specialise(model, *sizes)
+        trial = ir.serde.deserialize_model(original)
+        if not _resolve(trial, copies) or not runner.agrees(trial, _between(*sizes)):
+            return ir.passes.PassResult(model, False)
+        _resolve(model, copies)
+        return ir.passes.PassResult(model, True)
 
-    def _specialise(self, model: ir.Model) -> _Copies:
-        first = representative_shapes(model, self.batch, self.length, self.input_shapes)
-        second = {}
-        symbols: dict[tuple[int, int], ir.SymbolicDim | None] = {}
-        for value in model.graph.inputs:
-            dims = first[value.name]
-            # an input whose shape the model does not declare is taken as static at the sizes given for it
-            declared = value.shape if value.shape is not None else dims
-            doubled = [d if isinstance(s, int) else 2 * d for d, s in zip(dims, declared)]
-            second[value.name] = doubled
-            for symbol, a, b in zip(value.shape or (), dims, doubled):
-                if not isinstance(symbol, int) and symbol.value is not None:
-                    known = symbols.setdefault((a, b), symbol)
-                    if known is not None and known.value != symbol.value:
-                        symbols[(a, b)] = None  # two symbols at the same sizes: cannot tell them apart
-        return _Copies(_values(specialise_shapes(model, first)), _values(specialise_shapes(model, second)), symbols)
+    def _sizes_that_run(self, model: ir.Model, runner: _Runner) -> tuple[Sizes, Sizes] | None:
+        """The representative sizes and twice them, at a length the model runs at (halved from `length`)."""
+        length, tried = self.length, None
+        while length >= _SHORTEST:
+            first = representative_shapes(model, self.batch, length, self.input_shapes)
+            if first == tried:
+                return None  # no axis follows the length: halving it changes nothing
+            second = _doubled(model, first)
+            if runner.runs(first) and runner.runs(second):
+                return first, second
+            length, tried = length // 2, first
+        return None
 
-    @staticmethod
-    def _annotate_shapes(model: ir.Model, copies: _Copies) -> bool:
-        modified = False
-        for node in model.graph:
-            for value in node.outputs:
-                dims = copies.dims(value.name)
-                old = list(value.shape) if value.shape is not None else None
-                if dims is None or (old is not None and len(old) != len(dims)):
-                    continue
-                # a size-dependent axis no input symbol explains keeps the name it had, if any
-                merged = [d if d is not None else (o if old is not None and not isinstance(o, int) else ir.SymbolicDim(None))
-                          for d, o in zip(dims, old or [None] * len(dims))]
-                if old is None or any(_differ(n, o) for n, o in zip(merged, old)):
-                    value.shape = ir.Shape(merged)
-                    if value.dtype is None:
-                        value.dtype = copies.first[value.name].dtype
-                    modified = True
-        return modified
 
-    @staticmethod
-    def _freeze_shape_arithmetic(model: ir.Model, copies: _Copies) -> bool:
-        """Small run-time tensors equal at both sizes (derived from static axes only) become initializers."""
-        modified = False
-        for node in list(model.graph):
-            if node.op_type == "Shape":
-                continue  # its consumers are frozen instead; a Shape's own output is dropped once unused
-            for value in node.outputs:
-                if value.const_value is not None or value.is_graph_output() or not value.uses():
-                    continue
-                a, b = (_const(v) for v in copies.pair(value.name))
-                if a is None or b is None or a.size > _SMALL or a.shape != b.shape or not np.array_equal(a, b):
-                    continue
-                constant = ir.Value(name=f"{value.name}_static", const_value=ir.tensor(a),
-                                    shape=ir.Shape(a.shape), type=ir.TensorType(ir.DataType.from_numpy(a.dtype)))
-                model.graph.register_initializer(constant)
-                value.replace_all_uses_with(constant)
+def _doubled(model: ir.Model, sizes: Sizes) -> Sizes:
+    """`sizes` with every symbolic axis twice as long (an input of undeclared shape is static at its sizes)."""
+    doubled = {}
+    for value in model.graph.inputs:
+        dims = sizes[value.name]
+        declared = value.shape if value.shape is not None else dims
+        doubled[value.name] = [d if isinstance(s, int) else 2 * d for d, s in zip(dims, declared)]
+    return doubled
+
+
+def _between(first: Sizes, second: Sizes) -> Sizes:
+    """Sizes strictly past the first copy's on every symbolic axis and at most the second's: where a value
+    frozen because both copies agreed on it must still be right."""
+    return {name: [a if a == b else a + max(1, (b - a) // 2) for a, b in zip(dims, second[name])]
+            for name, dims in first.items()}
+
+
+def _specialise(model: ir.Model, first: Sizes, second: Sizes) -> _Copies:
+    symbols: dict[tuple[int, int], ir.SymbolicDim | None] = {}
+    for value in model.graph.inputs:
+        for symbol, a, b in zip(value.shape or (), first[value.name], second[value.name]):
+            if not isinstance(symbol, int) and symbol.value is not None:
+                known = symbols.setdefault((a, b), symbol)
+                if known is not None and known.value != symbol.value:
+                    symbols[(a, b)] = None  # two symbols at the same sizes: cannot tell them apart
+    probe = _every_value_an_output(model)
+    return _Copies(_values(specialise_shapes(probe, first)), _values(specialise_shapes(probe, second)), symbols)
+
+
+def _every_value_an_output(model: ir.Model) -> ir.Model:
+    """A copy whose every value is a graph output, so that folding keeps it (with its shape and value): a
+    Slice of a position table that feeds a folded Gather would otherwise vanish from the specialised
+    copies and keep the unknown shape onnx gave it, next to its consumer's resolved one."""
+    probe = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    outputs = {id(v) for v in probe.graph.outputs}
+    for node in probe.graph:
+        for value in node.outputs:
+            if value.name and id(value) not in outputs:
+                probe.graph.outputs.append(value)
+                outputs.add(id(value))
+    return probe
+
+
+def _resolve(model: ir.Model, copies: _Copies) -> bool:
+    """Write what the copies agree on onto `model`: shapes, frozen shape arithmetic, size-free Reshape targets."""
+    modified = _annotate_shapes(model, copies)
+    modified |= _freeze_shape_arithmetic(model, copies)
+    modified |= _constant_reshape_targets(model, copies)
+    if modified:
+        common_passes.RemoveUnusedNodesPass()(model)
+    return modified
+
+
+@dataclass
+class _Runner:
+    """The original model in onnxruntime, on random inputs of given sizes."""
+
+    session: object  # onnxruntime.InferenceSession
+    tolerance: float
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> _Runner | None:
+        """None where onnxruntime cannot load the model (then nothing can be checked, so nothing is resolved)."""
+        from pcc.backends.onnx.runtime import session
+
+        try:
+            loaded = session(model.SerializeToString())
+        except Exception:  # noqa: BLE001 - any load failure (an op onnxruntime lacks, a file over 2 GB) means: leave it
+            return None
+        types = {o.type.tensor_type.elem_type for o in model.graph.output}
+        tolerance = 1e-2 if onnx.TensorProto.FLOAT16 in types else 1e-4
+        return cls(loaded, tolerance)
+
+    def outputs(self, sizes: Sizes, session=None) -> list[np.ndarray] | None:
+        """The outputs at `sizes` on random inputs (seeded by the sizes), or None where the model fails."""
+        import onnxruntime as ort
+
+        from pcc.backends.onnx.runtime import random_inputs
+
+        session = session or self.session
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # a failure here only means "not these sizes": no error log
+        feeds = random_inputs(session, seed=sum(map(sum, sizes.values())), shapes=sizes)
+        try:
+            return session.run(None, feeds, options)
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own exception types for a shape that does not fit
+            return None
+
+    def runs(self, sizes: Sizes) -> bool:
+        return self.outputs(sizes) is not None
+
+    def agrees(self, resolved: ir.Model, sizes: Sizes) -> bool:
+        """Whether `resolved` gives the original's outputs at `sizes` (true where the original fails there)."""
+        from pcc.backends.onnx.runtime import compare_outputs, session
+
+        expected = self.outputs(sizes)
+        if expected is None:
+            return True
+        try:
+            other = session(ir.serde.serialize_model(resolved).SerializeToString())
+        except Exception:  # noqa: BLE001 - a resolved graph onnxruntime refuses is a failed check
+            return False
+        actual = self.outputs(sizes, other)
+        return actual is not None and compare_outputs(expected, actual).max_relative <= self.tolerance
+
+
+def _annotate_shapes(model: ir.Model, copies: _Copies) -> bool:
+    modified = False
+    for node in model.graph:
+        for value in node.outputs:
+            dims = copies.dims(value.name)
+            old = list(value.shape) if value.shape is not None else None
+            if dims is None or (old is not None and len(old) != len(dims)):
+                continue
+            # a size-dependent axis no input symbol explains keeps the name it had, if any
+            merged = [d if d is not None else (o if old is not None and not isinstance(o, int) else ir.SymbolicDim(None))
+                      for d, o in zip(dims, old or [None] * len(dims))]
+            if old is None or any(_differ(n, o) for n, o in zip(merged, old)):
+                value.shape = ir.Shape(merged)
+                if value.dtype is None:
+                    value.dtype = copies.first[value.name].dtype
                 modified = True
-        return modified
+    return modified
 
-    @staticmethod
-    def _constant_reshape_targets(model: ir.Model, copies: _Copies) -> bool:
-        modified = False
-        for node in list(model.graph):
-            if node.op_type != "Reshape" or node.inputs[1].const_value is not None:
+
+def _freeze_shape_arithmetic(model: ir.Model, copies: _Copies) -> bool:
+    """Small run-time tensors equal at both sizes (derived from static axes only) become initializers."""
+    modified = False
+    for node in list(model.graph):
+        if node.op_type == "Shape":
+            continue  # its consumers are frozen instead; a Shape's own output is dropped once unused
+        for value in node.outputs:
+            if value.const_value is not None or value.is_graph_output() or not value.uses():
                 continue
-            allowzero = node.attributes.get("allowzero")
-            if allowzero is not None and allowzero.value:
+            a, b = (_const(v) for v in copies.pair(value.name))
+            if a is None or b is None or a.size > _SMALL or a.shape != b.shape or not np.array_equal(a, b):
                 continue
-            targets = [_const(v) for v in copies.pair(node.inputs[1].name)]
-            inputs = [_static_dims(v) for v in copies.pair(node.inputs[0].name)]
-            if any(t is None for t in targets) or any(d is None for d in inputs):
-                continue
-            target = _size_free_target(targets[0], targets[1], inputs[0], inputs[1])
-            if target is None:
-                continue
-            constant = ir.Value(name=f"{node.name or 'reshape'}_static_target", const_value=ir.tensor(target),
-                                shape=ir.Shape(target.shape), type=ir.TensorType(ir.DataType.INT64))
-            model.graph.register_initializer(constant)
-            node.replace_input_with(1, constant)
-            _drop_stale_rank(node.outputs[0], target, node.inputs[0].shape)
+            value.replace_all_uses_with(_initializer(model, f"{value.name}_static", a))
             modified = True
-        return modified
+    return modified
+
+
+def _constant_reshape_targets(model: ir.Model, copies: _Copies) -> bool:
+    modified = False
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.inputs[1].const_value is not None:
+            continue
+        allowzero = node.attributes.get("allowzero")
+        if allowzero is not None and allowzero.value:
+            continue
+        targets = [_const(v) for v in copies.pair(node.inputs[1].name)]
+        inputs = [_static_dims(v) for v in copies.pair(node.inputs[0].name)]
+        if any(t is None for t in targets) or any(d is None for d in inputs):
+            continue
+        target = _size_free_target(targets[0], targets[1], inputs[0], inputs[1])
+        if target is None:
+            continue
+        node.replace_input_with(1, _initializer(model, f"{node.name or 'reshape'}_static_target", target))
+        _drop_stale_rank(node.outputs[0], target, node.inputs[0].shape)
+        modified = True
+    return modified
+
+
+def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array), shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    model.graph.register_initializer(value)
+    return value
 
 
 def _drop_stale_rank(output: ir.Value, target: np.ndarray, input_shape: ir.Shape | None) -> None:

@@ -1,5 +1,7 @@
-"""Symbolic axes: a legacy-exported ViT (shape arithmetic on the batch) and a dynamo export with symbolic
-batch and sequence are analysed at representative sizes, pruned, and keep running at other sizes."""
+"""Symbolic axes: a legacy-exported ViT (shape arithmetic on the batch), a dynamo export with symbolic
+batch and sequence and a legacy BERT whose position table is shorter than the default length are analysed
+at sizes they run at, pruned, and keep running at other sizes; a model that runs at no tried size is left
+as it is."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pcc.passes.analysis.cost import measure_cost
 from pcc.passes.analysis.attention import FindAttentionBlocks
 from pcc.passes.analysis.dependency_groups import BuildDependencyGroups
 from pcc.passes.analysis.importance import ScoreImportance
-from pcc.passes.transforms import MaskChannels, PruneChannels, StaticReshapeTargets
+from pcc.passes.transforms import MaskChannels, PruneChannels
 from pcc.passes.analysis.shapes import representative_shapes
 from pcc.passes.transforms.resolve_symbolic_shapes import ResolveSymbolicShapes
 from tests.conftest import max_relative_difference, run_onnx
@@ -57,15 +59,6 @@ class _ViT(nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])
 
 
-def _preparation() -> list[ir.passes.PassBase]:
-    """The preparation passes with ResolveSymbolicShapes in front of StaticReshapeTargets (where the
-    pipeline does not have it yet)."""
-    passes = preparation_passes()
-    if not any(isinstance(p, ResolveSymbolicShapes) for p in passes):
-        passes.insert(next(i for i, p in enumerate(passes) if isinstance(p, StaticReshapeTargets)), ResolveSymbolicShapes())
-    return passes
-
-
 @pytest.fixture(scope="module")
 def legacy_vit(tmp_path_factory) -> onnx.ModelProto:
     torch.manual_seed(0)
@@ -80,7 +73,7 @@ def _images(batch: int) -> dict[str, np.ndarray]:
 
 
 def test_legacy_vit_gets_groups_and_prunes_at_any_batch(legacy_vit):
-    analysis = Pipeline([*_preparation(), FindAttentionBlocks(), BuildDependencyGroups(prune=("channels", "heads")), ScoreImportance(),
+    analysis = Pipeline([*preparation_passes(), FindAttentionBlocks(), BuildDependencyGroups(prune=("channels", "heads")), ScoreImportance(),
                          AllocateUniform(0.3)])
     pruned = analysis.run(from_proto(legacy_vit)).model
     groups, allocation = pruned.meta[DependencyGroups.META_KEY], pruned.meta[Allocation.META_KEY]
@@ -93,7 +86,7 @@ def test_legacy_vit_gets_groups_and_prunes_at_any_batch(legacy_vit):
     assert allocation.removed.sum() >= 0.2 * sum(g.num_units for g in prunable)
 
     masked = from_proto(legacy_vit)
-    Pipeline(_preparation()).run(masked)
+    Pipeline(preparation_passes()).run(masked)
     masked.meta[DependencyGroups.META_KEY], masked.meta[Allocation.META_KEY] = groups, allocation
     Pipeline([MaskChannels()]).run(masked)
     Pipeline([PruneChannels()]).run(pruned)
@@ -124,10 +117,7 @@ def test_representative_shapes_give_one_size_per_symbol_and_take_the_users(dynam
 def test_dynamo_export_with_symbolic_batch_and_length_keeps_running_at_other_sizes(dynamic_encoder):
     model = ir.serde.deserialize_model(dynamic_encoder)
     name = model.graph.inputs[0].name
-    pipeline = channel_pruning_pipeline(0.3, prune=("channels", "heads"))
-    if not any(isinstance(p, ResolveSymbolicShapes) for p in pipeline):
-        pipeline.insert(pipeline.index(StaticReshapeTargets), ResolveSymbolicShapes())
-    result = pipeline.run(model)
+    result = channel_pruning_pipeline(0.3, prune=("channels", "heads")).run(model)
     costs = result.get(CostReport).costs
     assert costs["after"].params < 0.85 * costs["before"].params
     proto = ir.serde.serialize_model(result.model)
@@ -139,7 +129,7 @@ def test_dynamo_export_with_symbolic_batch_and_length_keeps_running_at_other_siz
 
 def test_macs_of_a_symbolic_length_encoder_are_counted_at_the_latency_length(dynamic_encoder):
     model = ir.serde.deserialize_model(dynamic_encoder)
-    Pipeline(_preparation()).run(model)
+    Pipeline(preparation_passes()).run(model)
     dim, hidden, layers = 32, 64, 2
     for length in (128, 16):
         # per layer: Q, K, V and output projections, Q x K^T and P x V, the two FFN matmuls
@@ -176,3 +166,49 @@ def test_an_output_declared_at_the_wrong_rank_is_rebuilt_from_the_constant_targe
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)  # the clash made this raise
     x = np.random.default_rng(0).standard_normal((2, 7, 8)).astype(np.float32)
     assert run_onnx(ir.serde.serialize_model(model), {"x": x})[0].shape == (2, 7, 3, 4)
+
+
+def test_a_bert_with_a_short_position_table_is_resolved_at_a_length_it_runs_at(tmp_path):
+    """32 positions: at the default 128 tokens the Slice of the position ids clamps to 32 in both copies and its
+    Expand target would freeze at 32. The pass halves the length until the model runs at both sizes (16, 32)."""
+    from tests.passes.test_attention_exports import _bert_inputs, _legacy, _tiny_bert
+
+    module = _tiny_bert("eager")
+    proto = _legacy(module, _bert_inputs(), ["input_ids", "attention_mask"])
+    model = from_proto(proto)
+    result = channel_pruning_pipeline(0.5, prune=("heads",), round_to=1).run(model)
+    slice_ids = next(v for node in result.model.graph for v in node.outputs if v.name == "/bert/embeddings/Slice_output_0")
+    assert [d if isinstance(d, int) else d.value for d in slice_ids.shape] == [1, "sequence"]
+    costs = result.get(CostReport).costs
+    assert costs["after"].params < costs["before"].params
+    pruned = ir.serde.serialize_model(result.model)
+    onnx.checker.check_model(pruned, full_check=True)
+    for batch, length in ((1, 8), (3, 20), (3, 32)):
+        ids = np.random.default_rng(length).integers(1, 100, (batch, length))
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        assert run_onnx(pruned, feeds)[0].shape == (batch, length, 32)
+
+
+class _LongKernel(nn.Module):
+    """An STFT-like front end: a 512-sample kernel on a symbolic number of samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(1, 16, 512, stride=160), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(self.conv(x[:, None, :]).transpose(1, 2))
+
+
+def test_a_model_that_runs_at_no_tried_length_is_left_as_it_is(tmp_path):
+    path = tmp_path / "long_kernel.onnx"
+    torch.onnx.export(_LongKernel().eval(), (torch.randn(1, 1600),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch", 1: "samples"}})
+    model = from_proto(onnx.load(str(path)))
+    before = ir.serde.serialize_model(model).SerializeToString()
+    assert not ResolveSymbolicShapes(length=128)(model).modified  # 128 samples and fewer: no output frames
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+    resolved = ResolveSymbolicShapes(input_shapes={"x": (1, 1600)})(model)  # the user's size runs
+    assert resolved.modified
+    frames = next(v for node in model.graph if node.op_type == "Conv" for v in node.outputs)
+    assert frames.shape[1] == 16 and not isinstance(frames.shape[2], int)

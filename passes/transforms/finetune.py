@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from itertools import islice
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ from pcc.compiler.options import FINETUNE_PARAMS, SPARSIFY_ALLOCATORS, check_spa
 from pcc.compiler.torch_module import IRModule, trainable_initializers
 from pcc.passes.results import store
 from pcc.passes.transforms.lora import LowRankAdapters, nonzero_masks
-from pcc.passes.transforms.schedules import SCHEDULES, MagnitudeMasks, WeightRewind, cubic_sparsity, round_sparsity
+from pcc.passes.transforms.schedules import MASK_SCORES, SCHEDULES, MagnitudeMasks, WeightRewind, cubic_sparsity, round_sparsity
 from pcc.passes.transforms.sparsify_weights import SparsityPattern
 
 __all__ = ["PARAM_MODES", "FineTune", "FineTuneReport", "bias_and_norm_initializers"]
@@ -127,6 +128,13 @@ class FineTune(ir.passes.InPlacePass):
     20 times over the ramp), then at the target; `imp` in `rounds` rounds of `epochs` epochs each, the
     survivors rewound after each to their values after `rewind_step` steps of the first, then a last
     training run at the target.
+
+    `score="random"` ranks weights at random instead of by magnitude (random pruning) and `reinit` makes
+    IMP's last round start from the rewound values shuffled within each tensor rather than the values
+    themselves (the same mask, randomly re-initialised): the lottery-ticket controls. After every mask
+    update, the BatchNorm statistics (if any) are re-estimated on `recalibrate_batches` training batches:
+    the pruned layers' outputs moved and the frozen statistics would normalise them wrongly until the
+    end of training.
     """
 
     data: CalibrationData = field(repr=False)
@@ -147,6 +155,9 @@ class FineTune(ir.passes.InPlacePass):
     prune_every: int | None = None  # gmp: steps between mask updates
     rounds: int = 3  # imp
     rewind_step: int = 0  # imp: the survivors go back to their values after this many steps (0: the start)
+    score: str = "magnitude"  # MASK_SCORES: what ranks the weights a mask keeps
+    reinit: bool = False  # imp: the last round starts from the rewound values shuffled (a random re-initialisation)
+    recalibrate_batches: int = 8  # training batches BatchNorm statistics are re-estimated on after a mask update
     progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -173,6 +184,10 @@ class FineTune(ir.passes.InPlacePass):
         if self.allocator not in SPARSIFY_ALLOCATORS:
             raise InvalidRequestError(f"--allocator {self.allocator} does not apply to pruning weights; choose from {', '.join(SPARSIFY_ALLOCATORS)}")
         prunes = self.sparsity > 0 or SparsityPattern.parse(self.sparsify).kind == "nm"
+        if self.score not in MASK_SCORES:
+            raise InvalidRequestError(f"masks are ranked by {' or '.join(MASK_SCORES)}, got {self.score!r}")
+        if self.reinit and self.schedule != "imp":
+            raise InvalidRequestError("re-initialising the survivors applies to --schedule imp")
         if self.schedule == "oneshot":
             return
         if not prunes:
@@ -200,7 +215,8 @@ class FineTune(ir.passes.InPlacePass):
         for name, parameter in student.named_weights():
             parameter.requires_grad_(name in trained)
         masks = nonzero_masks(student, trained) if self.keep_zeros else {}
-        pruner = MagnitudeMasks(model, self.sparsify, self.allocator)
+        pruner = MagnitudeMasks(model, self.sparsify, self.allocator, self.score, self.seed)
+        self._batchnorm = any(node.op_type == "BatchNormalization" for node in model.graph)
         target = pruner.target if pruner.target is not None else self.sparsity
         if self.schedule == "oneshot" and target > 0:  # before the adapters, which keep the zeros made here
             self._prune(student, masks, pruner.compute(student, target))
@@ -237,7 +253,9 @@ class FineTune(ir.passes.InPlacePass):
             run.train(after_step=remember)
             for index in range(1, self.rounds + 1):
                 self._prune(student, masks, pruner.compute(student, round_sparsity(index, self.rounds, target)))
-                rewind.restore(student, masks)
+                shuffle = torch.Generator().manual_seed(self.seed) if self.reinit and index == self.rounds else None
+                rewind.restore(student, masks, shuffle)
+                self._recalibrate(student)
                 run.train()
         else:
             run.train()
@@ -260,13 +278,20 @@ class FineTune(ir.passes.InPlacePass):
         )
         return ir.passes.PassResult(model, modified=True)
 
-    @staticmethod
     @torch.no_grad()
-    def _prune(student: IRModule, masks: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
-        """Replace the masks of the pruned weights and zero what they remove."""
+    def _prune(self, student: IRModule, masks: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+        """Replace the masks of the pruned weights, zero what they remove and re-estimate BatchNorm."""
         masks.update(new)
         for name, mask in new.items():
             student.weight(name).mul_(mask)
+        if new:
+            self._recalibrate(student)
+
+    @torch.no_grad()
+    def _recalibrate(self, student: IRModule) -> None:
+        """The student's BatchNorm statistics re-estimated on the first training batches (none without BatchNorm)."""
+        if self.recalibrate_batches > 0 and self._batchnorm:
+            student.recalibrate_batchnorm(islice((feeds for feeds, _ in self.data.batches()), self.recalibrate_batches))
 
     def _trained_names(self, model: ir.Model) -> set[str]:
         """The initializers the optimizer updates: all float weights, or only biases and norms."""

@@ -13,6 +13,12 @@ The masks come from `SparsifyWeights` itself, run on the current weights, so eve
 (unstructured, N:M, blocks) and allocator it has applies here with the same ranking: a schedule only
 decides the sparsity at each point. Zeros already in a weight rank lowest, so masks only grow. N:M fixes
 the sparsity at 1 − N/M; its schedules walk N down from M to the target N (nm:M−1:M, ... nm:N:M).
+
+Two controls tell what a mask found this way is worth (Frankle & Carbin 2019): `random` masks rank the
+surviving weights by random scores instead of magnitude, in the same pattern and per-layer amounts
+(random pruning), and a rewind can `shuffle` each weight's stored values before restoring them: the
+same mask, started from a random initialisation drawn from the same distribution as the stored one
+(every value of the tensor, in a random order), so only the pairing of values with positions is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -27,8 +34,9 @@ from pcc.compiler.torch_module import IRModule
 from pcc.passes.transforms.sparsify_weights import SparsifyWeights, SparsityPattern, sparse_weight_layers
 from pcc.compiler.options import SCHEDULES
 
-__all__ = ["SCHEDULES", "MagnitudeMasks", "WeightRewind", "cubic_sparsity", "round_sparsity"]
+__all__ = ["MASK_SCORES", "SCHEDULES", "MagnitudeMasks", "WeightRewind", "cubic_sparsity", "round_sparsity"]
 
+MASK_SCORES = ("magnitude", "random")  # what ranks the weights a mask keeps
 
 
 def cubic_sparsity(step: int, ramp_steps: int, target: float) -> float:
@@ -49,16 +57,21 @@ class MagnitudeMasks:
     """Masks for the student's Conv/Gemm/MatMul weights at a given sparsity, ranked by `SparsifyWeights`.
 
     `model` is the IR the student was built from: the current weights are written into it and the pass
-    zeroes what it would remove, so the masks are exactly what `pcc compile --sparsify` would keep.
+    zeroes what it would remove, so the masks are exactly what `pcc compile --sparsify` would keep. With
+    `score="random"` the pass ranks random scores (drawn from `seed`) in place of the weights, so the
+    pattern and each layer's amount stay what magnitude would give, and zeros still rank lowest.
     """
 
     model: ir.Model
     pattern: str = "unstructured"
     allocator: str = "uniform"
+    score: str = "magnitude"  # MASK_SCORES
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self._pattern = SparsityPattern.parse(self.pattern)
         self.names = list(dict.fromkeys(layer.weight.name for layer in sparse_weight_layers(self.model)))
+        self._random = np.random.default_rng(self.seed)
 
     @property
     def target(self) -> float | None:
@@ -71,6 +84,12 @@ class MagnitudeMasks:
         if sparsity <= 0 or pattern is None:
             return {}
         student.write_back(self.model)
+        if self.score == "random":
+            for name in self.names:
+                value = self.model.graph.initializers[name]
+                weights = value.const_value.numpy()
+                scores = (1.0 + self._random.random(weights.shape)) * (weights != 0)  # in [1, 2): no new zeros
+                value.const_value = ir.tensor(scores.astype(weights.dtype), name=name)
         SparsifyWeights(pattern, sparsity, self.allocator)(self.model)
         masks = {}
         for name in self.names:
@@ -99,8 +118,10 @@ class WeightRewind:
         self.values = {name: p.detach().clone() for name, p in student.named_weights() if name in names}
 
     @torch.no_grad()
-    def restore(self, student: IRModule, masks: dict[str, torch.Tensor]) -> None:
-        """Every captured weight back to its value; pruned entries (by `masks`) stay zero."""
+    def restore(self, student: IRModule, masks: dict[str, torch.Tensor], shuffle: torch.Generator | None = None) -> None:
+        """Every captured weight back to its value, or with `shuffle` to its values in a random order (a
+        random re-initialisation from the same distribution); pruned entries (by `masks`) stay zero."""
         for name, value in self.values.items():
-            weight = student.weight(name)
-            weight.copy_(value * masks[name] if name in masks else value)
+            if shuffle is not None:
+                value = value.flatten()[torch.randperm(value.numel(), generator=shuffle)].reshape(value.shape)
+            student.weight(name).copy_(value * masks[name] if name in masks else value)

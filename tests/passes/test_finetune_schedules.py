@@ -99,8 +99,8 @@ def test_imp_rewinds_the_survivors_to_the_stored_values(cnn, monkeypatch, rewind
     restored = []
     original = WeightRewind.restore
 
-    def spy(self, student, masks):
-        original(self, student, masks)
+    def spy(self, student, masks, shuffle=None):
+        original(self, student, masks, shuffle)
         after = {name: student.weight(name).detach().numpy().copy() for name in WEIGHTS}
         restored.append(({name: self.values[name].numpy().copy() for name in WEIGHTS}, after))
 

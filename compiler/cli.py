@@ -10,6 +10,8 @@
     pcc finetune PRUNED --data FILE [--teacher DENSE] [--epochs N] [--lr LR] [--eval FILE] [-o OUT]
     pcc inspect MODEL [--json] [--round-to N]
     pcc run MODEL.so --input X.npz [-o Y.npz]
+    pcc soup A.onnx B.onnx ... [-o OUT] [--eval FILE]
+    pcc delta BASE FINETUNED --drop P [--merge MODEL ...] [-o OUT] [--eval FILE]
 
 Exit status: 0 success; 2 bad input or a request that cannot apply (one line on stderr starting with
 `pcc: error:`, no output file left behind); 1 an internal error (a bug: the traceback is shown).
@@ -29,6 +31,7 @@ from pathlib import Path
 
 # Only light modules at the top: `pcc --help` and argument errors must answer at once, so onnx, torch,
 # tvm and the passes are imported by the commands that use them.
+from pcc.compiler import cli_merge
 from pcc.compiler.errors import InvalidRequestError, PccError
 from pcc.compiler.options import (
     ALLOCATOR_NAMES, BUDGETS, CRITERIA, DATA_CRITERIA, FINETUNE_PARAMS, HEAD_SHARE, PRUNABLE_KINDS, RECONSTRUCT_MODES,
@@ -195,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="as for compile",
     )
     inspect.add_argument("--verbose", action="store_true", help="list every group")
+    cli_merge.add_commands(commands)
     return parser
 
 
@@ -231,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _finetune(args)
         if args.command == "run":
             return _run(args)
+        if args.command in cli_merge.COMMANDS:
+            return cli_merge.run(args)
         return _inspect(args)
     except PccError as exc:
         message = " ".join(str(exc).split())

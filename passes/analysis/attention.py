@@ -5,8 +5,8 @@ batch axis, keys transposed before or after the head split), but every unfused e
 core: MatMul(Q, Kᵀ) → [scale] → [mask] → Softmax → [NaN guard] → MatMul(·, V). onnxscript patterns find
 that core (torch's SDPA decomposition wraps the softmax in Where(IsNaN(p), 0, p) for boolean masks and
 scales Q and K by sqrt(scale) each, possibly by a factor computed from the input's shape); from its
-operands pcc walks back through pure data movement (grouped-query K/V repeats included) to the Q/K/V
-projections, and forward from the context to the output projection, the residual Add and the norm.
+operands pcc walks back through pure data movement (grouped-query K/V repeats included) and rotary
+embeddings (RoPE turns channel pairs within a head) to the Q/K/V projections, and forward from the context to the output projection, the residual Add and the norm.
 
 Fused attention ops are blocks too: `com.microsoft` `Attention` (one packed [E, 3·E] QKV weight, what
 onnxruntime's transformer optimizer emits for BERT), `com.microsoft` `MultiHeadAttention` and opset-23
@@ -142,6 +142,39 @@ def movement_source(value: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
     return value, chain
 
 
+def _rotary_input(value: ir.Value) -> ir.Value | None:
+    """The tensor x (before data movement) of a rotary embedding x·cos + rotate_half(x)·sin (Llama's RoPE), else None.
+
+    rotate_half(x) = Concat(−x[..., d/2:], x[..., :d/2]) turns pairs of channels *within* a head, so the head
+    axis passes through unchanged: the projection behind x is the block's Q (or K) projection.
+    """
+    node = value.producer()
+    if node is None or node.op_type != "Add":
+        return None
+    products = [v.producer() for v in node.inputs]
+    if any(p is None or p.op_type != "Mul" for p in products):
+        return None
+    for direct, rotated in (products, products[::-1]):
+        halves = [v.producer() for v in rotated.inputs if v.producer() is not None and v.producer().op_type == "Concat"]
+        if not halves:
+            continue
+        sources = {movement_source(_negated(part))[0] for part in halves[0].inputs}
+        if len(sources) == 1 and (x := sources.pop()) in {movement_source(v)[0] for v in direct.inputs}:
+            return x
+    return None
+
+
+def _negated(value: ir.Value) -> ir.Value:
+    node = value.producer()
+    return node.inputs[0] if node is not None and node.op_type == "Neg" else value
+
+
+def _operand_source(value: ir.Value) -> ir.Value:
+    """The tensor a core operand rearranges, through data movement and a rotary embedding."""
+    source = movement_source(value)[0]
+    return _rotary_input(source) or source
+
+
 def _is_weight(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and value.const_value.size > 1
 
@@ -245,7 +278,7 @@ def _residual_and_norm(output: ir.Node | None, query: ir.Node | None) -> tuple[s
 
 
 def _block_from_core(core: AttentionCore) -> AttentionBlock:
-    projections = [_projection_of(movement_source(v)[0]) for v in (core.query, core.key, core.value)]
+    projections = [_projection_of(_operand_source(v)) for v in (core.query, core.key, core.value)]
     output, _ = output_chain(core.context.outputs[0])
     context_shape = core.context.outputs[0].shape
     head_dim = context_shape[-1] if context_shape is not None else None

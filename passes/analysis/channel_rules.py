@@ -492,8 +492,8 @@ def _slice(ctx: ChannelContext, node: ir.Node) -> None:
             ctx.link(x, axis, y, axis)
             continue
         start, step, _ = bounds[axis]
-        if step != 1 or out_dims[axis] is None:
-            continue  # strided slices stay frozen
+        if step != 1 or out_dims[axis] is None or dims[axis] is None:
+            continue  # strided slices, and slices of a symbolic (sequence) axis, stay frozen
         size = out_dims[axis]
         ctx.link(x, axis, y, axis, start + np.arange(size), np.arange(size))
         ctx.accept(x, axis)  # elements sliced away carry no constraint

@@ -44,8 +44,8 @@ __all__ = [
 TARGET_NAMES = ("onnx", "spatten", "tvm")
 GROUP_KINDS = ("channels", "heads")  # removed as dependency groups by the allocators and PruneChannels
 PRUNABLE_KINDS = (*GROUP_KINDS, "blocks", "tokens")  # blocks and tokens have their own passes
-CRITERIA = ("l1", "l2", "bn", "lamp", "taylor", "hessian", "activation", "random")
-DATA_CRITERIA = ("taylor", "hessian", "activation")  # computed on calibration data
+CRITERIA = ("l1", "l2", "bn", "lamp", "taylor", "hessian", "activation", "flap", "random")
+DATA_CRITERIA = ("taylor", "hessian", "activation", "flap")  # computed on calibration data
 REDUCTIONS = ("mean", "sum", "max")
 # the allocation passes, and `metanet` (the metanetwork's rewrite, then a global ranking of its norms)
 ALLOCATOR_NAMES = ("uniform", "global", "lamp", "dp", "metanet")

@@ -13,6 +13,9 @@ unit's slice, then reduces across the weights (mean, sum or max), as DepGraph's 
 - `hessian`: OBD's saliency w^2 * H_ww / 2 with the Hessian diagonal approximated by the empirical Fisher
   (squared per-batch gradients).
 - `activation`: mean |output| of each channel of the layers producing it, over the calibration data.
+- `flap`: FLAP's fluctuation, Var(x_j)·||W[:, j]||² of the unit's input features in the layers reading it,
+  standardised per group so one global ranking compares layers (`flap.py`; `fallback_groups`: groups no
+  linear layer reads, scored at their mean).
 
 Gradients come from the differentiable copy of the IR (`pcc.compiler.torch_module`). The loss is the
 cross-entropy with the calibration labels when given; otherwise, for a classifier (a 2-D first
@@ -80,6 +83,12 @@ def score_units(
         raise ValueError(f"unknown reduction {reduction!r}; choose from {', '.join(REDUCTIONS)}")
     if criterion == "random":
         return Importance(criterion, reduction, np.random.default_rng(seed).random(groups.num_units))
+    if criterion == "flap":
+        from pcc.passes.analysis.flap import fluctuation_scores
+
+        calibration = calibration if calibration is not None else CalibrationData.random(model, seed=seed)
+        scores, unscored = fluctuation_scores(model, groups, calibration)
+        return Importance(criterion, reduction, scores, fallback_groups=unscored, synthetic_data=calibration.synthetic)
     weights = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
     if criterion in DATA_CRITERIA:
         if calibration is None:

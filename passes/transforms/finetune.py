@@ -20,6 +20,12 @@ the damage is a shift of each layer's output distribution, which these few param
 BatchNorm folded away, the conv/linear biases carry it). `lora` adds a low-rank adapter to every weight
 matrix (`lora.LowRankAdapters`) and trains the adapters with the biases and norms; the adapters are
 merged into the weights before writing, so the output has the input's graph and cost.
+
+`nuclear_norm` λ adds Trained Rank Pruning's regulariser (Xu et al., IJCAI 2020) to the loss: λ·Σ‖W‖_*
+over the weights `--factorize lowrank` can factorise, each in its matrix view (a Conv [O, I, kh, kw] as
+[O, I·kh·kw], TRP's channel-wise view). The nuclear norm is the convex surrogate of the rank: its
+gradient shrinks every singular value alike, so the small ones reach zero first and a later truncated
+SVD drops less energy.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from pcc.compiler.errors import InvalidRequestError
 from pcc.compiler.options import FINETUNE_PARAMS, SPARSIFY_ALLOCATORS, check_sparsity
 from pcc.compiler.torch_module import IRModule, trainable_initializers
 from pcc.passes.results import store
+from pcc.passes.transforms.factorize_lowrank import factorizable_layers
 from pcc.passes.transforms.lora import LowRankAdapters, nonzero_masks
 from pcc.passes.transforms.schedules import MASK_SCORES, SCHEDULES, MagnitudeMasks, WeightRewind, cubic_sparsity, round_sparsity
 from pcc.passes.transforms.sparsify_weights import SparsityPattern
@@ -158,6 +165,7 @@ class FineTune(ir.passes.InPlacePass):
     score: str = "magnitude"  # MASK_SCORES: what ranks the weights a mask keeps
     reinit: bool = False  # imp: the last round starts from the rewound values shuffled (a random re-initialisation)
     recalibrate_batches: int = 8  # training batches BatchNorm statistics are re-estimated on after a mask update
+    nuclear_norm: float = 0.0  # TRP: weight of the summed nuclear norms of the factorisable weights in the loss
     progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -176,6 +184,8 @@ class FineTune(ir.passes.InPlacePass):
         if self.params == "lora" and self.lora_rank < 1:
             raise InvalidRequestError(f"--lora-rank must be at least 1, got {self.lora_rank}")
         self._check_schedule()
+        if not self.nuclear_norm >= 0:
+            raise InvalidRequestError(f"--nuclear-norm must be at least 0, got {self.nuclear_norm}")
 
     def _check_schedule(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -230,7 +240,8 @@ class FineTune(ir.passes.InPlacePass):
         teacher = None
         if self.teacher is not None:
             teacher = session(ir.serde.serialize_model(self.teacher).SerializeToString())
-        run = _Run(self, student, parameters, adapters, teacher, masks, pruner.names)
+        regularised = [layer.weight for layer in factorizable_layers(model)] if self.nuclear_norm > 0 else []
+        run = _Run(self, student, parameters, adapters, teacher, masks, pruner.names, regularised)
         start = time.perf_counter()
         if self.schedule == "gmp":
             ramp = max(1, math.ceil(self.ramp * self.epochs * self.data.num_batches))
@@ -304,8 +315,10 @@ class FineTune(ir.passes.InPlacePass):
 
     def _loss_name(self) -> str:
         if self.teacher is None:
-            return "cross-entropy"
-        return "distillation + cross-entropy" if self.data.labels is not None else "distillation"
+            name = "cross-entropy"
+        else:
+            name = "distillation + cross-entropy" if self.data.labels is not None else "distillation"
+        return f"{name} + {self.nuclear_norm:g} x nuclear norm" if self.nuclear_norm > 0 else name
 
     def _loss(self, outputs: list[torch.Tensor], labels: np.ndarray | None, targets: list[np.ndarray] | None) -> torch.Tensor:
         logits = outputs[0]
@@ -331,10 +344,12 @@ class _Run:
     Adam and cosine schedule (IMP's rounds each get one); losses and sparsities accumulate across runs."""
 
     def __init__(self, tune: FineTune, student: IRModule, parameters: list[torch.nn.Parameter],
-                 adapters: LowRankAdapters | None, teacher, masks: dict[str, torch.Tensor], pruned: list[str]) -> None:
+                 adapters: LowRankAdapters | None, teacher, masks: dict[str, torch.Tensor], pruned: list[str],
+                 regularised: list[str] = ()) -> None:
         self.tune, self.student, self.parameters, self.adapters, self.teacher = tune, student, parameters, adapters, teacher
         self.masks = masks  # updated in place by the schedule
         self.pruned = pruned
+        self.regularised = regularised  # weights whose nuclear norm is added to the loss
         self.losses: list[float] = []
         self.sparsities: list[float] = []
         self.epochs = 0
@@ -353,6 +368,8 @@ class _Run:
                 outputs = self.student(feeds, weights=weights)
                 targets = self.teacher.run(None, feeds) if self.teacher is not None else None
                 loss = tune._loss(outputs, labels, targets)
+                if self.regularised:
+                    loss = loss + tune.nuclear_norm * self._nuclear_norm(weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -366,6 +383,14 @@ class _Run:
                 self.losses.append(float(loss.detach()))
                 self.sparsities.append(self._sparsity())
             self.epochs += 1
+
+    def _nuclear_norm(self, adapted: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Σ‖W‖_* over the regularised weights, each as [outputs, the rest] (differentiable through the SVD)."""
+        total = 0.0
+        for name in self.regularised:
+            weight = adapted[name] if adapted and name in adapted else self.student.weight(name)
+            total = total + torch.linalg.matrix_norm(weight.reshape(weight.shape[0], -1), ord="nuc")
+        return total
 
     @torch.no_grad()
     def _sparsity(self) -> float:

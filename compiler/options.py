@@ -27,14 +27,17 @@ __all__ = [
     "BUDGETS",
     "CRITERIA",
     "DATA_CRITERIA",
+    "FACTORIZATIONS",
     "FINETUNE_PARAMS",
     "GROUP_KINDS",
     "HEAD_SHARE",
     "PRUNABLE_KINDS",
+    "RANK_ALLOCATORS",
     "RECONSTRUCT_MODES",
     "REDUCTIONS",
     "SCHEDULES",
     "SPARSIFY_ALLOCATORS",
+    "SPARSIFY_CRITERIA",
     "SPATTEN_CONFIG_NAMES",
     "TARGET_NAMES",
     "CompileOptions",
@@ -44,12 +47,17 @@ __all__ = [
 TARGET_NAMES = ("onnx", "spatten", "tvm")
 GROUP_KINDS = ("channels", "heads")  # removed as dependency groups by the allocators and PruneChannels
 PRUNABLE_KINDS = (*GROUP_KINDS, "blocks", "tokens")  # blocks and tokens have their own passes
-CRITERIA = ("l1", "l2", "bn", "lamp", "taylor", "hessian", "activation", "flap", "random")
+CRITERIA = ("l1", "l2", "bn", "lamp", "taylor", "hessian", "activation", "flap", "random", "wanda", "sparsegpt")
 DATA_CRITERIA = ("taylor", "hessian", "activation", "flap")  # computed on calibration data
 REDUCTIONS = ("mean", "sum", "max")
 # the allocation passes, and `metanet` (the metanetwork's rewrite, then a global ranking of its norms)
 ALLOCATOR_NAMES = ("uniform", "global", "lamp", "dp", "metanet")
 SPARSIFY_ALLOCATORS = ("uniform", "global", "lamp")  # how --sparsify splits its zeros over layers
+# which weights --sparsify zeroes: magnitude, or Wanda's |W|·‖X‖ / SparseGPT's OBS update on --calib (LLMs)
+SPARSIFY_CRITERIA = ("l1", "l2", "wanda", "sparsegpt")
+# --factorize: weights become products of thin ones (truncated SVD); the allocators that choose their ranks
+FACTORIZATIONS = ("lowrank",)
+RANK_ALLOCATORS = ("uniform", "energy", "dp")
 BUDGETS = ("params", "macs", "latency")
 # repair after removal: none, FLAP's bias compensation, or layer-wise least squares (ThiNet / He et al.)
 RECONSTRUCT_MODES = ("none", "bias", "ls")
@@ -76,9 +84,10 @@ class CompileOptions:
     """What to remove and how, and the data and machine settings the passes measure with.
 
     `sparsity` is the fraction of the `budget` cost removed from the `prune` kinds (or, with `sparsify`,
-    the fraction of the layers' weights made zero). `calibration` feeds data-driven scores, the
-    sensitivity sweep, BatchNorm re-estimation and reconstruction; `reconstruct` re-fits the layers
-    after the removed units on it. The rest mirrors the command line's flags of the same names.
+    the fraction of the layers' weights made zero; with `factorize`, of the factorisable layers' cost,
+    their ranks chosen by `allocator`). `calibration` feeds data-driven scores, the sensitivity sweep,
+    BatchNorm re-estimation and reconstruction; `reconstruct` re-fits the layers after the removed units
+    on it. The rest mirrors the command line's flags of the same names.
     """
 
     sparsity: float
@@ -102,11 +111,12 @@ class CompileOptions:
     latency_length: int = 128
     latency_repeats: int = 20
     compare_allocators: bool = False
+    factorize: str | None = None
     progress: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
-        _choice("--allocator", self.allocator, ALLOCATOR_NAMES)
+        _choice("--allocator", self.allocator, RANK_ALLOCATORS if self.factorize else ALLOCATOR_NAMES)
         _choice("--importance", self.importance, CRITERIA)
         _choice("--reduction", self.reduction, REDUCTIONS)
         _choice("--budget", self.budget, BUDGETS)
@@ -128,6 +138,8 @@ class CompileOptions:
             raise InvalidRequestError(f"--reconstruct {self.reconstruct} needs real calibration data (--calib)")
         if self.sparsify is not None:
             self._check_sparsify()
+        if self.factorize is not None:
+            self._check_factorize()
 
     def _check_sparsify(self) -> None:
         if self.allocator not in SPARSIFY_ALLOCATORS:
@@ -141,10 +153,19 @@ class CompileOptions:
         if self.metanet:
             raise InvalidRequestError("--metanet prepares networks for removing units; it does not combine with --sparsify")
 
+    def _check_factorize(self) -> None:
+        _choice("--factorize", self.factorize, FACTORIZATIONS)
+        if self.sparsify is not None or self.prune != ("channels",) or self.metanet:
+            raise InvalidRequestError("--factorize lowrank replaces weights by thin products; it does not combine with "
+                                      "--sparsify, --prune or --metanet")
+        if self.reconstruct != "none":
+            raise InvalidRequestError("--reconstruct re-fits pruned layers; it does not apply to --factorize lowrank")
+
     @property
     def group_kinds(self) -> tuple[str, ...]:
         """The dependency-group kinds the allocators may shrink (none when weights are sparsified instead)."""
-        return tuple(k for k in self.prune if k in GROUP_KINDS) if self.sparsify is None else ()
+        removes_units = self.sparsify is None and self.factorize is None
+        return tuple(k for k in self.prune if k in GROUP_KINDS) if removes_units else ()
 
     @property
     def uses_metanet(self) -> bool:

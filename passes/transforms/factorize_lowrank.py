@@ -30,9 +30,11 @@ from pcc.passes.results import fetch, store
 from pcc.passes.transforms.sparsify_weights import SparseLayer, sparse_weight_layers
 
 __all__ = [
+    "Decomposition",
     "FactorizeLowRank",
     "FactorizeReport",
     "LowRankLayer",
+    "decompose",
     "factorizable_layers",
     "factorize",
     "low_rank_factors",
@@ -105,17 +107,44 @@ def _positions(node: ir.Node, layer: SparseLayer) -> int:
     return max(1, int(np.prod(dims, dtype=np.int64)) // max(channels, 1))
 
 
+@dataclass(frozen=True)
+class Decomposition:
+    """A matrix's SVD M = P·S·Qᵀ (float64) with the singular values split as √σ to each side, so that the
+    first r columns of `left` times the first r rows of `right` are the best rank-r approximation. Computed
+    once per layer: sweeps ask for many ranks."""
+
+    left: np.ndarray  # P·√S [outputs, full rank]
+    right: np.ndarray  # √S·Qᵀ [full rank, reduction]
+    singular: np.ndarray  # descending
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.left[:, :rank], self.right[:rank]
+
+
+def decompose(matrix: np.ndarray) -> Decomposition:
+    """The SVD on one thread: a layer's matrix is small, and on a loaded machine BLAS threads waiting for
+    each other made numpy's multi-threaded SVD of a 128 x 576 matrix take 0.2-6 s instead of 30 ms."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p, s, qt = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(np.array(matrix, dtype=np.float64)), full_matrices=False))
+    finally:
+        torch.set_num_threads(threads)
+    root = np.sqrt(s)
+    return Decomposition(p * root, root[:, None] * qt, s)
+
+
 def low_rank_factors(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """L [outputs, rank], R [rank, reduction] with L·R the best rank-`rank` approximation of `matrix`
-    (float64 SVD, the singular values split as √σ to each side)."""
-    p, s, qt = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
-    root = np.sqrt(s[:rank])
-    return p[:, :rank] * root, root[:, None] * qt[:rank]
+    """L [outputs, rank], R [rank, reduction] with L·R the best rank-`rank` approximation of `matrix`."""
+    return decompose(matrix).factors(rank)
 
 
-def low_rank_weight(layer: SparseLayer, rank: int) -> np.ndarray:
-    """The layer's weight in its stored layout, replaced by its rank-`rank` approximation (same shape)."""
-    left, right = low_rank_factors(layer.matrix(), rank)
+def low_rank_weight(layer: SparseLayer, rank: int, decomposition: Decomposition | None = None) -> np.ndarray:
+    """The layer's weight in its stored layout, replaced by its rank-`rank` approximation (same shape);
+    `decomposition` is the layer's matrix's, when already computed."""
+    left, right = (decomposition or decompose(layer.matrix())).factors(rank)
     array = layer.weight.const_value.numpy()
     approx = left @ right
     return np.ascontiguousarray(approx.T if layer.transposed else approx.reshape(array.shape), dtype=array.dtype)

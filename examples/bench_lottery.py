@@ -71,7 +71,7 @@ def main() -> None:
     results: dict[str, dict[float, list[float]]] = {}
     for seed in range(args.seeds):
         start = initial(seed)
-        fresh = lambda: ir.serde.deserialize_model(onnx.load_from_string(start))  # noqa: E731
+        fresh = lambda start=start: ir.serde.deserialize_model(onnx.load_from_string(start))  # noqa: E731
         probe = fresh()
         train = CalibrationData.from_arrays(probe, {"image": flat(train_npz["image"][: args.train_images])},
                                             labels=train_npz["labels"][: args.train_images], batch_size=64)

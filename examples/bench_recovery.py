@@ -13,7 +13,6 @@ test top-1, the parameters the optimizer updated and the seconds training took.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +20,14 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from pcc.backends.onnx.runtime import top1_accuracy
-from pcc.compiler.calibration import CalibrationData
-from pcc.compiler.pipeline import Pipeline
-from pcc.passes.transforms import FineTune, FineTuneReport
-from pcc.passes.transforms.finetune import PARAM_MODES
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tables import markdown_table, write_report  # noqa: E402
+
+from pcc.backends.onnx.runtime import top1_accuracy  # noqa: E402
+from pcc.compiler.calibration import CalibrationData  # noqa: E402
+from pcc.compiler.pipeline import Pipeline  # noqa: E402
+from pcc.passes.transforms import FineTune, FineTuneReport  # noqa: E402
+from pcc.passes.transforms.finetune import PARAM_MODES  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "models" / "fashion_cnn.onnx"
 
@@ -74,20 +76,15 @@ def main() -> None:
                      "seconds": report.seconds, "first_loss": report.first_loss, "last_loss": report.last_loss})
         print(f"{report.params}: {100 * rows[-1]['top1']:.2f}%", flush=True)
 
-    lines = [(f"Fashion-MNIST CNN pruned to {100 * args.sparsity:.0f}% of its parameters (uniform), "
-             f"{args.epochs} epoch(s) of fine-tuning on {train.num_samples:,} images, test top-1 on 10,000 images"), "",
-             "| recovery | test top-1 % | trained params | seconds | loss first -> last |", "| --- | ---: | ---: | ---: | --- |"]
-    for row in rows:
-        if "seconds" in row:
-            lines.append(f"| {row['mode']} | {100 * row['top1']:.2f} | {row['trained_params']:,} | {row['seconds']:.1f} | "
-                         f"{row['first_loss']:.3f} -> {row['last_loss']:.3f} |")
-        else:
-            lines.append(f"| {row['mode']} | {100 * row['top1']:.2f} | | | |")
-    table = "\n".join(lines)
-    print(table)
-    (args.out / "report.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-
+    table = markdown_table(
+        ["recovery", "test top-1 %", "trained params", "seconds", "loss first -> last"],
+        [[row["mode"], f"{100 * row['top1']:.2f}",
+          *((f"{row['trained_params']:,}", f"{row['seconds']:.1f}", f"{row['first_loss']:.3f} -> {row['last_loss']:.3f}")
+            if "seconds" in row else ("", "", ""))] for row in rows],
+        title=(f"Fashion-MNIST CNN pruned to {100 * args.sparsity:.0f}% of its parameters (uniform), "
+               f"{args.epochs} epoch(s) of fine-tuning on {train.num_samples:,} images, test top-1 on 10,000 images"),
+    )
+    write_report(args.out, table, rows)
 
 if __name__ == "__main__":
     main()

@@ -112,7 +112,7 @@ def test_shuffled_rewind_is_a_permutation_of_the_stored_values(cnn):
 
 def test_imp_reinit_trains_the_tickets_mask_from_other_values(cnn, exported):
     ticket = ir.serde.deserialize_model(onnx.load_from_string(exported))
-    options = dict(schedule="imp", sparsity=0.75, rounds=2, lr=1e-2)
+    options = {"schedule": "imp", "sparsity": 0.75, "rounds": 2, "lr": 1e-2}
     FineTune(_data(ticket), **options)(ticket)
     FineTune(_data(cnn), reinit=True, **options)(cnn)
     winning, control = _weights(ticket), _weights(cnn)

@@ -7,6 +7,10 @@ inputs, with a warning that scores then reflect the weights only.
 Model inputs of rank 0 (a sample rate, a threshold) are not batched: the data holds one value per sample
 along axis 0 like any input, and each batch passes its first sample's value as the scalar.
 
+Plain text (`.txt`) is for language models: tokenised with the model's tokenizer and cut into windows
+of `length` consecutive tokens, `count` of them spread evenly over the text (so a calibration set samples
+the whole file, not its opening pages); each window is one sample of `input_ids`.
+
 Image folders are preprocessed the way ImageNet classifiers expect unless told otherwise: decoded as RGB
 (or grayscale for 1-channel inputs), resized to the model's input height and width (bilinear), scaled to
 [0, 1], normalised with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225), laid out as NCHW.
@@ -26,9 +30,10 @@ import onnx_ir as ir
 
 from pcc.compiler.errors import InvalidRequestError
 
-__all__ = ["CalibrationData", "InputSpec", "input_specs", "load_calibration", "IMAGE_SUFFIXES"]
+__all__ = ["CalibrationData", "InputSpec", "input_specs", "load_calibration", "text_windows", "IMAGE_SUFFIXES", "TEXT_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+TEXT_SUFFIXES = (".txt",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LABELS_KEY = "labels"
@@ -181,6 +186,18 @@ class CalibrationData:
         return cls.from_arrays(model, arrays, labels, source="iterable", batch_size=batch_size)
 
     @classmethod
+    def from_text(
+        cls, model: ir.Model, path: str | os.PathLike[str], tokenizer, windows: int = 128, length: int = 256,
+        batch_size: int = 32,
+    ) -> CalibrationData:
+        """`windows` token windows of `length` from the text file at `path`, as the model's `input_ids`."""
+        specs = input_specs(model)
+        if len(specs) != 1 or len(specs[0].shape) != 2 or not np.issubdtype(specs[0].dtype, np.integer):
+            raise InvalidRequestError(f"{path}: text calibration needs a language model with one input of token ids [batch, seq]")
+        tokens = text_windows(_read_text(path), tokenizer, length, windows, source=str(path))
+        return cls.from_arrays(model, {specs[0].name: tokens}, source=str(path), batch_size=batch_size)
+
+    @classmethod
     def from_images(
         cls, model: ir.Model, folder: str | os.PathLike[str], batch_size: int = 32,
         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -281,8 +298,37 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
 
 
-def load_calibration(model: ir.Model, path: str | os.PathLike[str] | None, batch_size: int = 32, seed: int = 0) -> CalibrationData:
-    """What `--calib` gives: an .npz, an image folder, or (None) random inputs."""
+def _read_text(path: str | os.PathLike[str]) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InvalidRequestError(f"{path}: not a readable text file ({exc.strerror})") from None
+
+
+def text_windows(text: str, tokenizer, length: int, count: int | None = None, source: str = "text") -> np.ndarray:
+    """Token windows [windows, length] (int64) of `text`: `count` of them spread evenly over it (disjoint
+    when the text holds that many), or every whole window in order when `count` is None."""
+    if length < 2:
+        raise InvalidRequestError(f"{source}: token windows need a length of at least 2, got {length}")
+    tokens = np.asarray(tokenizer(text)["input_ids"], dtype=np.int64)
+    whole = len(tokens) // length
+    if whole == 0:
+        raise InvalidRequestError(f"{source}: {len(tokens)} tokens, fewer than one window of {length}")
+    if count is None:
+        starts = np.arange(whole) * length
+    else:
+        if count < 1:
+            raise InvalidRequestError(f"{source}: the number of windows must be at least 1, got {count}")
+        starts = np.linspace(0, len(tokens) - length, count).round().astype(np.int64)
+    return np.stack([tokens[s : s + length] for s in starts])
+
+
+def load_calibration(
+    model: ir.Model, path: str | os.PathLike[str] | None, batch_size: int = 32, seed: int = 0, tokenizer=None,
+    windows: int = 128, length: int = 256,
+) -> CalibrationData:
+    """What `--calib` gives: an .npz, an image folder, a text file (`windows` x `length` tokens; language
+    models, with their `tokenizer`), or (None) random inputs."""
     if path is None:
         return CalibrationData.random(model, batch_size=batch_size, seed=seed)
     path = Path(path)
@@ -290,6 +336,10 @@ def load_calibration(model: ir.Model, path: str | os.PathLike[str] | None, batch
         return CalibrationData.from_images(model, path, batch_size=batch_size)
     if not path.exists():
         raise InvalidRequestError(f"{path}: no such calibration file")
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        if tokenizer is None:
+            raise InvalidRequestError(f"{path}: text calibration is for language models (a .gguf file or a Hugging Face folder)")
+        return CalibrationData.from_text(model, path, tokenizer, windows, length, batch_size=batch_size)
     if path.suffix.lower() != ".npz":
-        raise InvalidRequestError(f"{path}: calibration data must be an .npz file or a folder of images")
+        raise InvalidRequestError(f"{path}: calibration data must be an .npz file, a folder of images or a .txt file")
     return CalibrationData.from_npz(model, path, batch_size=batch_size)

@@ -13,6 +13,9 @@ Why these choices:
 - The exporter's optimiser stores each `nn.Linear` weight transposed, [in, out], as an anonymous
   constant (`val_123`) read by a MatMul; those constants are renamed after the parameter they came from
   (`model.layers.0.mlp.up_proj.weight.T`), so reports and later passes can say which layer they mean.
+- The model is called with an all-ones attention mask (no padding: each row is one sequence), which
+  keeps transformers' packed-sequence detection (a CumSum over positions and a token-by-token Equal) out
+  of the graph: the causal mask is then a plain comparison of positions.
 - The tokenizer is returned with the model and `save_tokenizer` writes it beside the output
   (`tokenizer.json`, `tokenizer_config.json`), so a pruned model is usable as it is.
 """
@@ -97,7 +100,9 @@ def export_causal_lm(module: Any) -> ir.Model:
             self.lm = lm
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.lm(input_ids=input_ids, use_cache=False).logits
+            # an explicit all-ones mask: without one, transformers derives packed-sequence boundaries from
+            # the positions (CumSum, Equal over every pair of tokens), which a single unpadded sequence never has
+            return self.lm(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
 
     vocab = int(module.config.vocab_size)
     example = torch.randint(0, vocab, (2, _EXPORT_LENGTH), generator=torch.Generator().manual_seed(0))

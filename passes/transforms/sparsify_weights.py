@@ -16,23 +16,59 @@ fraction), `global` (one magnitude threshold over all layers: mean square per bl
 per layer, one global threshold: bounds each layer's output distortion, Lee et al. 2021). N:M fixes the
 sparsity at 1 - N/M in every layer it fits; a layer whose reduction axis is not a multiple of M is
 reported and left dense.
+
+Which weights go is the `criterion`: magnitude (`l2`, the default: blocks by their mean square; `l1`:
+by their mean |w|; for single elements both are |w|), or one of two criteria for large language models
+that read calibration data (MatMul/Gemm only, `uniform` allocation, unstructured or N:M):
+
+- `wanda` (Sun et al. 2023): |W_ij| · ‖X_j‖₂, the weight times the L2 norm of its input feature over every
+  calibration token, compared within each output row (each row loses the same fraction; N:M within each
+  group of M of a row). A few input features of an LLM carry activations orders of magnitude larger than
+  the rest, so their small weights matter more than large weights on quiet features.
+- `sparsegpt` (Frantar & Alistarh 2023): SparseGPT's OBS mask and weight update (`sparsegpt.py`) from
+  H = Σ x xᵀ of the layer's inputs.
+
+Both walk the model once, layer by layer in graph order, over all calibration batches: each layer's
+statistics come from the inputs of the model *as sparsified so far* (the earlier layers' errors are
+then what the later ones see and, for SparseGPT, correct), accumulated batch by batch into Σx² or Σxxᵀ,
+so memory holds one layer's frontier of activations, never every layer's. The walk stops after the
+last layer it sparsifies (an LLM's logits over the whole vocabulary are never computed).
+
+`exclude_outputs` leaves dense the layers that write a model output: an LLM's head, whose weight is
+the token embedding in most models (SmolLM2 ties them), so sparsifying it would also change the input
+embedding of a model that re-ties them, and whose output is the whole vocabulary's logits.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from pcc.compiler.errors import InvalidRequestError
-from pcc.compiler.options import SPARSIFY_ALLOCATORS, check_sparsity
+from pcc.compiler.options import SPARSIFY_ALLOCATORS, SPARSIFY_CRITERIA, check_sparsity
 from pcc.passes.analysis.importance import lamp_within
 from pcc.passes.results import store
 
-__all__ = ["SparsityPattern", "SparsifyReport", "SparsifyWeights", "SPARSIFY_ALLOCATORS", "sparse_weight_layers"]
+if TYPE_CHECKING:
+    from pcc.compiler.calibration import CalibrationData
 
+__all__ = [
+    "CALIBRATED_CRITERIA",
+    "SPARSIFY_ALLOCATORS",
+    "SPARSIFY_CRITERIA",
+    "LayerSparsity",
+    "SparseLayer",
+    "SparsityPattern",
+    "SparsifyReport",
+    "SparsifyWeights",
+    "sparse_weight_layers",
+]
+
+CALIBRATED_CRITERIA = ("wanda", "sparsegpt")  # read the layers' inputs on calibration data
 
 
 @dataclass(frozen=True)
@@ -112,6 +148,7 @@ class LayerSparsity:
     shape: tuple[int, ...]  # the [outputs, reduction] view
     sparsity: float  # fraction of the weight's elements now zero
     skipped: str | None = None  # why the pattern was not applied
+    error: float | None = None  # ‖ΔW X‖² / ‖W X‖² on the calibration inputs (sparsegpt), else None
 
 
 @dataclass
@@ -123,6 +160,7 @@ class SparsifyReport:
     allocator: str
     target: float
     layers: list[LayerSparsity]
+    criterion: str = "l2"
 
     @property
     def achieved(self) -> float:
@@ -131,18 +169,21 @@ class SparsifyReport:
         return zeros / total if total else 0.0
 
     def summary(self) -> str:
-        lines = [f"{self.pattern} ({self.allocator}): {100 * self.achieved:.1f}% of the layers' weights are zero"]
+        lines = [f"{self.pattern} ({self.allocator}, {self.criterion}): {100 * self.achieved:.1f}% of the layers' weights are zero"]
+        errors = [layer.error for layer in self.layers if layer.error is not None]
+        if errors:
+            lines.append(f"  output error of the sparsified layers on the calibration data: mean {np.mean(errors):.3g}, max {max(errors):.3g}")
         lines += [f"  {layer.node}: left dense ({layer.skipped})" for layer in self.layers if layer.skipped]
         return "\n".join(lines)
 
 
-def _block_scores(matrix: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of squares, element count) per block, edge blocks partial."""
+def _block_scores(matrix: np.ndarray, rows: int, cols: int, power: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of |w|^power, element count) per block, edge blocks partial."""
     out, red = matrix.shape
     padded = np.zeros((-(-out // rows) * rows, -(-red // cols) * cols))
     padded[:out, :red] = matrix
     shape = (padded.shape[0] // rows, rows, padded.shape[1] // cols, cols)
-    squares = (padded**2).reshape(shape).sum(axis=(1, 3))
+    squares = (np.abs(padded) ** power).reshape(shape).sum(axis=(1, 3))
     present = np.zeros_like(padded)
     present[:out, :red] = 1
     return squares, present.reshape(shape).sum(axis=(1, 3))
@@ -160,6 +201,14 @@ def _lowest(values: np.ndarray, sizes: np.ndarray, fraction: float) -> np.ndarra
     return removed
 
 
+def _row_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Kept entries: each row's lowest-scoring `fraction` goes (Wanda's per-output comparison)."""
+    drop = int(round(fraction * scores.shape[1]))
+    keep = np.ones(scores.shape, dtype=bool)
+    np.put_along_axis(keep, np.argsort(scores, axis=1, kind="stable")[:, :drop], False, axis=1)
+    return keep
+
+
 def _nm_mask(matrix: np.ndarray, n: int, m: int) -> np.ndarray:
     groups = np.abs(matrix).reshape(matrix.shape[0], -1, m)
     order = np.argsort(-groups, axis=2, kind="stable")
@@ -171,11 +220,16 @@ def _nm_mask(matrix: np.ndarray, n: int, m: int) -> np.ndarray:
 @dataclass
 class SparsifyWeights(ir.passes.InPlacePass):
     """Transform: zero `sparsity` of the weights of every MatMul/Gemm/Conv in `pattern`, split across layers
-    by `allocator` (uniform, global, lamp). N:M patterns ignore `sparsity` (they fix it)."""
+    by `allocator` (uniform, global, lamp), chosen by `criterion` (l1, l2; wanda, sparsegpt on
+    `calibration`). N:M patterns ignore `sparsity` (they fix it). `exclude_outputs` leaves the layers that
+    write a model output dense (an LLM's head)."""
 
     pattern: str = "unstructured"
     sparsity: float = 0.0
     allocator: str = "uniform"
+    criterion: str = "l2"
+    calibration: CalibrationData | None = field(default=None, repr=False)
+    exclude_outputs: bool = False
     report: SparsifyReport | None = field(default=None, init=False)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -184,42 +238,53 @@ class SparsifyWeights(ir.passes.InPlacePass):
             raise InvalidRequestError(
                 f"--allocator {self.allocator} does not apply to --sparsify; choose from {', '.join(SPARSIFY_ALLOCATORS)}"
             )
+        if self.criterion not in SPARSIFY_CRITERIA:
+            raise InvalidRequestError(
+                f"--importance {self.criterion} does not apply to --sparsify; choose from {', '.join(SPARSIFY_CRITERIA)}"
+            )
         pattern = SparsityPattern.parse(self.pattern)
         layers = sparse_weight_layers(model)
         if not layers:
             raise InvalidRequestError("--sparsify found no MatMul, Gemm or Conv with a constant weight to sparsify")
-        matrices = [layer.matrix().astype(np.float64) for layer in layers]
+        skipped: dict[str, str] = {}
+        if self.exclude_outputs:
+            outputs = {id(v) for v in model.graph.outputs}
+            writers = {node.name for node in model.graph if any(id(v) in outputs for v in node.outputs)}
+            skipped.update((layer.node, "writes a model output (kept dense)") for layer in layers if layer.node in writers)
         if pattern.kind == "nm":
-            masks, skipped = self._nm(pattern, matrices)
+            skipped.update((layer.node, f"reduction axis {layer.matrix().shape[1]} is not a multiple of M={pattern.m}")
+                           for layer in layers if layer.matrix().shape[1] % pattern.m and layer.node not in skipped)
+        chosen = [layer for layer in layers if layer.node not in skipped]
+        if self.criterion in CALIBRATED_CRITERIA:
+            errors = self._calibrated(model, pattern, chosen, skipped)
         else:
-            masks, skipped = self._ranked(pattern, matrices), [None] * len(layers)
+            self._magnitude(pattern, chosen)
+            errors = {}
         results = []
-        for layer, matrix, mask, reason in zip(layers, matrices, masks, skipped):
-            if mask is not None and not mask.all():
-                layer.write(np.where(mask, layer.matrix(), 0))
-            zeros = float((layer.matrix() == 0).mean())
-            results.append(LayerSparsity(layer.node, layer.op_type, layer.weight.name, matrix.shape, zeros, reason))
-        self.report = SparsifyReport(str(pattern), self.allocator if pattern.kind != "nm" else "fixed", self.sparsity, results)
+        for layer in layers:
+            matrix = layer.matrix()
+            results.append(LayerSparsity(layer.node, layer.op_type, layer.weight.name, matrix.shape,
+                                         float((matrix == 0).mean()), skipped.get(layer.node), errors.get(layer.node)))
+        allocator = self.allocator if pattern.kind != "nm" else "fixed"
+        self.report = SparsifyReport(str(pattern), allocator, self.sparsity, results, self.criterion)
         store(model, self.report)
         return ir.passes.PassResult(model, any(r.sparsity > 0 for r in results))
 
-    @staticmethod
-    def _nm(pattern: SparsityPattern, matrices: list[np.ndarray]):
-        masks, skipped = [], []
-        for matrix in matrices:
-            if matrix.shape[1] % pattern.m:
-                masks.append(None)
-                skipped.append(f"reduction axis {matrix.shape[1]} is not a multiple of M={pattern.m}")
-            else:
-                masks.append(_nm_mask(matrix, pattern.n, pattern.m))
-                skipped.append(None)
-        return masks, skipped
+    def _magnitude(self, pattern: SparsityPattern, layers: list[SparseLayer]) -> None:
+        matrices = [layer.matrix().astype(np.float64) for layer in layers]
+        if pattern.kind == "nm":
+            masks = [_nm_mask(matrix, pattern.n, pattern.m) for matrix in matrices]
+        else:
+            masks = self._ranked(pattern, matrices)
+        for layer, mask in zip(layers, masks):
+            if not mask.all():
+                layer.write(np.where(mask, layer.matrix(), 0))
 
     def _ranked(self, pattern: SparsityPattern, matrices: list[np.ndarray]) -> list[np.ndarray]:
         """Block (or element: 1x1 blocks) masks: each layer's lowest-scoring blocks go, as many as the
         allocator gives it."""
         rows, cols = (pattern.rows, pattern.cols) if pattern.kind == "block" else (1, 1)
-        scored = [_block_scores(m, rows, cols) for m in matrices]
+        scored = [_block_scores(m, rows, cols, 1 if self.criterion == "l1" else 2) for m in matrices]
         if self.allocator == "uniform":
             keeps = [
                 ~_lowest(squares.ravel() / counts.ravel(), counts.ravel(), self.sparsity).reshape(squares.shape)
@@ -241,3 +306,75 @@ class SparsifyWeights(ir.passes.InPlacePass):
             keeps.append(~removed[start : start + squares.size].reshape(squares.shape))
             start += squares.size
         return keeps
+
+    def _calibrated(
+        self, model: ir.Model, pattern: SparsityPattern, layers: list[SparseLayer], skipped: dict[str, str],
+    ) -> dict[str, float]:
+        """Wanda or SparseGPT, layer by layer in graph order on the calibration data (see the module
+        docstring); writes the weights, notes the layers it leaves dense in `skipped`, returns SparseGPT's
+        per-layer output errors."""
+        import torch
+
+        from pcc.passes.transforms.reconstruct import _Walk
+        from pcc.passes.transforms.sparsegpt import sparsegpt_prune
+
+        flag = f"--importance {self.criterion}"
+        if self.calibration is None or self.calibration.synthetic:
+            raise InvalidRequestError(f"{flag} reads the layers' inputs: it needs calibration data (--calib)")
+        if self.allocator != "uniform":
+            raise InvalidRequestError(f"{flag} sparsifies every layer alike: --allocator {self.allocator} does not apply")
+        if pattern.kind == "block":
+            raise InvalidRequestError(f"{flag} makes unstructured or N:M sparsity, not {pattern}")
+        wanted = {}
+        for layer in layers:
+            if layer.op_type == "Conv":
+                skipped[layer.node] = f"{flag} applies to MatMul/Gemm weights"
+            else:
+                wanted[layer.node] = layer
+        feeds = [{k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()} for batch, _ in self.calibration.batches()]
+        walk = _Walk(model, feeds)
+        last = max((i for i, node in enumerate(walk.nodes) if node.name in wanted), default=-1)
+        statistics: dict[str, torch.Tensor] = {}  # input value -> Σx² (wanda) or Σxxᵀ (sparsegpt)
+        errors = {}
+        with torch.no_grad():
+            for index in range(last + 1):
+                node = walk.nodes[index]
+                layer = wanted.get(node.name)
+                if layer is not None:
+                    source = node.inputs[0].name
+                    statistics = {k: v for k, v in statistics.items() if k in walk.values}  # inputs still live
+                    if source not in statistics:
+                        statistics[source] = _input_statistics(walk.get(source), full=self.criterion == "sparsegpt")
+                    weight = torch.from_numpy(layer.matrix().astype(np.float32))
+                    if self.criterion == "wanda":
+                        scores = np.abs(weight.numpy()) * statistics[source].sqrt().numpy()[None, :]
+                        keep = _nm_mask(scores, pattern.n, pattern.m) if pattern.kind == "nm" else _row_mask(scores, self.sparsity)
+                        layer.write(np.where(keep, weight.numpy(), 0))
+                    else:
+                        hessian = statistics[source]
+                        n_m = (pattern.n, pattern.m) if pattern.kind == "nm" else None
+                        updated, _ = sparsegpt_prune(weight, hessian, sparsity=None if n_m else self.sparsity, n_m=n_m)
+                        errors[node.name] = _output_error(weight.double(), updated.double(), hessian)
+                        layer.write(updated.numpy())
+                    walk.constants[layer.weight.name] = torch.from_numpy(np.array(layer.weight.const_value.numpy()))
+                walk.execute(index)
+        return errors
+
+
+def _input_statistics(batches, full: bool):
+    """Σ x xᵀ (`full`) or Σ x² per feature of a layer input, over every token of every batch, in float64."""
+    import torch
+
+    features = batches[0].shape[-1]
+    total = torch.zeros((features, features) if full else features, dtype=torch.float64)
+    for x in batches:
+        rows = x.reshape(-1, features).float()
+        total += (rows.T @ rows).double() if full else rows.square().sum(0, dtype=torch.float64)
+    return total
+
+
+def _output_error(dense, sparse, hessian) -> float:
+    """‖(W − W') X‖² / ‖W X‖² from H = Σ x xᵀ: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)."""
+    delta = dense - sparse
+    den = float(((dense @ hessian) * dense).sum())
+    return float(((delta @ hessian) * delta).sum()) / den if den > 0 else 0.0

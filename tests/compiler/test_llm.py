@@ -1,13 +1,20 @@
-"""Causal LM import (`compiler/llm.py`) on a tiny random Llama (2 layers, GQA 4 query / 2 key-value heads,
+"""Causal LM import (`compiler/llm.py`), text calibration and perplexity on a tiny random Llama (2 layers, GQA 4 query / 2 key-value heads,
 SwiGLU, RMSNorm, RoPE, hidden 64) saved as a Hugging Face folder with a word-level tokenizer: the export
 equals the torch logits at any batch and length, attention is recognised with its projections, MatMul
-weights are named initializers, and the tokenizer is written beside the output."""
+weights are named initializers, the tokenizer is written beside the output; text calibration windows are
+spread over the file and perplexity in onnxruntime equals torch's cross-entropy."""
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -16,12 +23,15 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from tests.conftest import run_onnx  # noqa: E402
 
-from pcc.compiler.errors import ModelLoadError  # noqa: E402
+from pcc.compiler.calibration import load_calibration  # noqa: E402
+from pcc.compiler.errors import InvalidRequestError, ModelLoadError  # noqa: E402
 from pcc.compiler.llm import is_causal_lm_path, load_causal_lm, save_tokenizer  # noqa: E402
 from pcc.passes.analysis.attention import find_attention_blocks  # noqa: E402
+from pcc.passes.analysis.perplexity import text_perplexity  # noqa: E402
 
 TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+VOCAB = 64
 WORDS = ("the king is dead long live the queen and all her court shall sing of love war wine "
          "night day sword crown ghost fair foul").split()
 
@@ -34,7 +44,7 @@ def tiny_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]")
 
 
-def tiny_llama(vocab: int = 64, seed: int = 0):
+def tiny_llama(vocab: int = VOCAB, seed: int = 0):
     """A random `LlamaForCausalLM` (eval, eager attention) with random RMSNorm scales (all ones would make
     the norms test nothing)."""
     torch.manual_seed(seed)
@@ -53,17 +63,27 @@ def torch_logits(llama, input_ids: np.ndarray) -> np.ndarray:
         return llama(input_ids=torch.from_numpy(input_ids), use_cache=False).logits.numpy()
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_llama")
+@functools.lru_cache(maxsize=1)
+def tiny_import() -> tuple[Path, bytes, Any]:
+    """`tiny_llama()` saved as a Hugging Face folder with `tiny_tokenizer()` and imported by `load_causal_lm`:
+    (folder, the serialised model, the tokenizer), once per session (the export is the slow part)."""
+    folder = Path(tempfile.mkdtemp(prefix="pcc_tiny_llama_"))
+    atexit.register(shutil.rmtree, folder, True)
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    return folder
+    model, tokenizer = load_causal_lm(folder)
+    return folder, ir.serde.serialize_model(model), tokenizer
 
 
 @pytest.fixture(scope="module")
-def imported(hf_folder):
-    return load_causal_lm(hf_folder)
+def hf_folder() -> Path:
+    return tiny_import()[0]
+
+
+@pytest.fixture(scope="module")
+def imported() -> tuple[ir.Model, Any]:
+    _, proto, tokenizer = tiny_import()
+    return ir.serde.deserialize_model(proto), tokenizer
 
 
 def test_export_equals_torch_logits_at_any_batch_and_length(imported):
@@ -71,10 +91,10 @@ def test_export_equals_torch_logits_at_any_batch_and_length(imported):
     (ids,), (logits,) = model.graph.inputs, model.graph.outputs
     assert ids.name == "input_ids" and logits.name == "logits"
     assert not any(isinstance(d, int) for d in ids.shape.dims)  # batch and sequence symbolic
-    assert logits.shape[2] == 64
+    assert logits.shape[2] == VOCAB
     llama = tiny_llama()
     for batch, length in ((1, 7), (3, 20)):
-        input_ids = np.random.default_rng(batch).integers(0, 64, (batch, length)).astype(np.int64)
+        input_ids = np.random.default_rng(batch).integers(0, VOCAB, (batch, length)).astype(np.int64)
         got = run_onnx(model, {"input_ids": input_ids})[0]
         np.testing.assert_allclose(got, torch_logits(llama, input_ids), atol=1e-4, rtol=0)
 
@@ -113,3 +133,35 @@ def test_paths_and_errors(hf_folder, tmp_path):
         load_causal_lm(tmp_path / "model.gguf")
     with pytest.raises(ModelLoadError, match="no such"):
         load_causal_lm(tmp_path / "missing")
+
+
+TEXT = " ".join(WORDS[i % len(WORDS)] for i in range(0, 7 * 401, 7))  # 401 words, 401 tokens
+
+
+def test_text_calibration_windows_spread_over_the_file(imported, tmp_path):
+    model, tokenizer = imported
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    data = load_calibration(model, path, tokenizer=tokenizer, windows=5, length=40, batch_size=2)
+    ids = data.inputs["input_ids"]
+    tokens = np.asarray(tokenizer(TEXT)["input_ids"])
+    assert ids.shape == (5, 40) and ids.dtype == np.int64 and not data.synthetic
+    starts = [0, 90, 180, 271, 361]  # evenly from the first to the last whole window
+    np.testing.assert_array_equal(ids, np.stack([tokens[s : s + 40] for s in starts]))
+    assert [len(b["input_ids"]) for b in data] == [2, 2, 1]
+    with pytest.raises(InvalidRequestError, match="language models"):
+        load_calibration(model, path)
+    with pytest.raises(InvalidRequestError, match="fewer than one window"):
+        load_calibration(model, path, tokenizer=tokenizer, length=500)
+
+
+def test_perplexity_in_onnxruntime_equals_torch(imported, tmp_path):
+    model, tokenizer = imported
+    path = tmp_path / "eval.txt"
+    path.write_text(TEXT)
+    result = text_perplexity(model, path, tokenizer, length=50, batch_size=3)
+    assert (result.windows, result.length, result.tokens) == (8, 50, 8 * 49)
+    windows = np.asarray(tokenizer(TEXT)["input_ids"][:400]).reshape(8, 50)
+    logits = torch.from_numpy(torch_logits(tiny_llama(), windows))
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), torch.from_numpy(windows[:, 1:]).reshape(-1))
+    assert result.value == pytest.approx(float(torch.exp(loss)), rel=1e-5)

@@ -38,7 +38,6 @@ __all__ = [
     "SCHEDULES",
     "SPARSIFY_ALLOCATORS",
     "SPARSIFY_CRITERIA",
-    "SPARSIFY_CRITERIA",
     "SPATTEN_CONFIG_NAMES",
     "TARGET_NAMES",
     "CompileOptions",
@@ -54,8 +53,6 @@ REDUCTIONS = ("mean", "sum", "max")
 # the allocation passes, and `metanet` (the metanetwork's rewrite, then a global ranking of its norms)
 ALLOCATOR_NAMES = ("uniform", "global", "lamp", "dp", "metanet")
 SPARSIFY_ALLOCATORS = ("uniform", "global", "lamp")  # how --sparsify splits its zeros over layers
-# which weights --sparsify zeroes: magnitude, or Wanda's |W|·‖X‖ / SparseGPT's OBS update on --calib (LLMs)
-SPARSIFY_CRITERIA = ("l1", "l2", "wanda", "sparsegpt")
 # which weights --sparsify zeroes: magnitude, or Wanda's |W|·‖X‖ / SparseGPT's OBS update on --calib (LLMs)
 SPARSIFY_CRITERIA = ("l1", "l2", "wanda", "sparsegpt")
 # --factorize: weights become products of thin ones (truncated SVD); the allocators that choose their ranks

@@ -6,7 +6,8 @@ core: MatMul(Q, Kᵀ) → [scale] → [mask] → Softmax → [NaN guard] → Mat
 that core (torch's SDPA decomposition wraps the softmax in Where(IsNaN(p), 0, p) for boolean masks and
 scales Q and K by sqrt(scale) each, possibly by a factor computed from the input's shape); from its
 operands pcc walks back through pure data movement (grouped-query K/V repeats included) and rotary
-embeddings (RoPE turns channel pairs within a head) to the Q/K/V projections, and forward from the context to the output projection, the residual Add and the norm.
+embeddings (RoPE turns channel pairs within a head) to the Q/K/V projections, and forward from the
+context to the output projection, the residual Add and the norm.
 
 Fused attention ops are blocks too: `com.microsoft` `Attention` (one packed [E, 3·E] QKV weight, what
 onnxruntime's transformer optimizer emits for BERT), `com.microsoft` `MultiHeadAttention` and opset-23

@@ -33,7 +33,7 @@ from pcc.compiler.calibration import CalibrationData
 from pcc.passes.analysis.channel_rules import Role
 from pcc.passes.analysis.dependency_groups import DependencyGroups
 
-__all__ = ["FeatureStatistics", "feature_statistics", "fluctuation_scores", "ConsumerInput", "consumer_inputs"]
+__all__ = ["ConsumerInput", "FeatureStatistics", "consumer_inputs", "feature_statistics", "fluctuation_scores"]
 
 
 @dataclass(frozen=True)

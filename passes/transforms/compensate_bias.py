@@ -26,7 +26,7 @@ from pcc.passes.analysis.dependency_groups import DependencyGroups
 from pcc.passes.analysis.flap import ConsumerInput, consumer_inputs, feature_statistics
 from pcc.passes.results import fetch, store
 
-__all__ = ["CompensateBias", "BiasCompensation", "compensation"]
+__all__ = ["BiasCompensation", "CompensateBias", "compensation"]
 
 
 @dataclass

@@ -15,25 +15,13 @@ import torch
 
 from tests.conftest import run_onnx
 
+from bench_llm_structured import flap_pipeline  # examples/: the pipeline `--importance flap --allocator global` runs
 from pcc.compiler import from_torch
 from pcc.compiler.calibration import CalibrationData
-from pcc.compiler.pipeline import channel_pruning_pipeline
-from pcc.passes.allocation import Allocation, AllocateGlobal
-from pcc.passes.allocation.standardised import AllocateStandardised
+from pcc.passes.allocation import Allocation
 from pcc.passes.analysis import DependencyGroups
-from pcc.passes.analysis.dense_reference import RecordKeptChannels
 from pcc.passes.analysis.importance import Importance
-from pcc.passes.transforms.compensate_bias import BiasCompensation, CompensateBias
-
-
-def flap_pipeline(sparsity: float, calibration: CalibrationData, compensate: bool = True, **options):
-    """`--importance flap --allocator global` as the command line runs it: standardised global ranking, then
-    bias compensation before the units are removed."""
-    pipeline = channel_pruning_pipeline(sparsity, importance="flap", allocator="global", calibration=calibration, **options)
-    pipeline[pipeline.index(AllocateGlobal)] = AllocateStandardised(sparsity=sparsity)
-    if compensate:
-        pipeline.insert(pipeline.index(RecordKeptChannels), CompensateBias(calibration))
-    return pipeline
+from pcc.passes.transforms.compensate_bias import BiasCompensation
 
 
 class _MLP(torch.nn.Module):

@@ -18,16 +18,16 @@ import pytest
 from tests.conftest import max_relative_difference, run_onnx
 from tests.passes.tiny_llama import CONFIG, tiny_llama, token_batches, torch_logits
 
-from pcc.compiler import Pipeline  # noqa: E402
-from pcc.compiler.calibration import CalibrationData  # noqa: E402
-from pcc.compiler.llm import export_causal_lm  # noqa: E402
-from pcc.compiler.pipeline import analysis_pipeline, channel_pruning_pipeline, preparation_passes  # noqa: E402
-from pcc.passes.allocation import Allocation  # noqa: E402
-from pcc.passes.analysis import DependencyGroups  # noqa: E402
-from pcc.passes.analysis.attention import AttentionBlocks  # noqa: E402
-from pcc.passes.analysis.residual_blocks import FindResidualBlocks, ResidualBlocks  # noqa: E402
-from pcc.passes.transforms import PruneBlocks  # noqa: E402
-from pcc.passes.transforms.prune_blocks import BlockPruneReport  # noqa: E402
+from pcc.compiler import Pipeline
+from pcc.compiler.calibration import CalibrationData
+from pcc.compiler.llm import export_causal_lm
+from pcc.compiler.pipeline import analysis_pipeline, channel_pruning_pipeline, preparation_passes
+from pcc.passes.allocation import Allocation
+from pcc.passes.analysis import DependencyGroups
+from pcc.passes.analysis.attention import AttentionBlocks
+from pcc.passes.analysis.residual_blocks import FindResidualBlocks, ResidualBlocks
+from pcc.passes.transforms import PruneBlocks
+from pcc.passes.transforms.prune_blocks import BlockPruneReport
 
 LAYERS, HEADS, KV_HEADS = CONFIG["num_hidden_layers"], CONFIG["num_attention_heads"], CONFIG["num_key_value_heads"]
 HEAD_DIM = CONFIG["hidden_size"] // HEADS

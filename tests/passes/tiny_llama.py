@@ -14,8 +14,8 @@ import pytest
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-CONFIG = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+CONFIG = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
 
 
 def tiny_llama(seed: int = 0):

@@ -43,13 +43,14 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - norm
 
 
-def perplexity(model: ir.Model | str | os.PathLike[str], windows: np.ndarray, batch_size: int = 4) -> Perplexity:
-    """Perplexity of `model` (IR, or an ONNX file) over token `windows` [count, length]."""
+def perplexity(model: ir.Model | bytes | str | os.PathLike[str], windows: np.ndarray, batch_size: int = 4) -> Perplexity:
+    """Perplexity of `model` (IR, serialised ONNX, or an ONNX file) over token `windows` [count, length]."""
     windows = np.asarray(windows, dtype=np.int64)
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise InvalidRequestError(f"perplexity needs token windows [count, length >= 2], got shape {windows.shape}")
-    source = ir.serde.serialize_model(model).SerializeToString() if isinstance(model, ir.Model) else Path(model)
-    sess = session(source)
+    if isinstance(model, ir.Model):
+        model = ir.serde.serialize_model(model).SerializeToString()
+    sess = session(model if isinstance(model, bytes) else Path(model))
     name = sess.get_inputs()[0].name
     total = 0.0
     for start in range(0, len(windows), batch_size):
@@ -61,7 +62,7 @@ def perplexity(model: ir.Model | str | os.PathLike[str], windows: np.ndarray, ba
 
 
 def text_perplexity(
-    model: ir.Model | str | os.PathLike[str], path: str | os.PathLike[str], tokenizer, length: int = 256,
+    model: ir.Model | bytes | str | os.PathLike[str], path: str | os.PathLike[str], tokenizer, length: int = 256,
     windows: int | None = None, batch_size: int = 4,
 ) -> Perplexity:
     """`--eval FILE.txt`: perplexity over the file's disjoint `length`-token windows (the first `windows`

@@ -6,10 +6,12 @@ spread over the file and perplexity in onnxruntime equals torch's cross-entropy.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import functools
 import shutil
 import tempfile
+import types
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from tests.conftest import run_onnx  # noqa: E402
 
+from pcc.compiler import cli_llm  # noqa: E402
 from pcc.compiler.calibration import load_calibration  # noqa: E402
 from pcc.compiler.errors import InvalidRequestError, ModelLoadError  # noqa: E402
 from pcc.compiler.llm import is_causal_lm_path, load_causal_lm, save_tokenizer  # noqa: E402
@@ -165,3 +168,23 @@ def test_perplexity_in_onnxruntime_equals_torch(imported, tmp_path):
     logits = torch.from_numpy(torch_logits(tiny_llama(), windows))
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), torch.from_numpy(windows[:, 1:]).reshape(-1))
     assert result.value == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+
+
+def test_cli_finish_saves_the_tokenizer_and_reports_perplexity(imported, tmp_path):
+    model, tokenizer = imported
+    (tmp_path / "eval.txt").write_text(TEXT)
+    parser = argparse.ArgumentParser()
+    cli_llm.add_arguments(parser)
+    args = parser.parse_args(["--eval", str(tmp_path / "eval.txt"), "--calib-length", "50", "--eval-windows", "4"])
+    assert cli_llm.calibration_options(args, tokenizer) == {"tokenizer": tokenizer, "windows": 128, "length": 50}
+    dense = cli_llm.dense_source(Path("unused"), model, tokenizer)
+    output = tmp_path / "out" / "pruned.onnx"
+    output.parent.mkdir()
+    ir.save(model, str(output))
+    report = types.SimpleNamespace()
+    cli_llm.finish(args, report, dense, output, tokenizer)
+    assert (output.parent / "tokenizer.json").is_file()
+    assert report.perplexity_dense == report.perplexity_pruned > 1  # the same model twice
+    assert report.perplexity_text.endswith("196 tokens in windows of 50")
+    with pytest.raises(InvalidRequestError, match="language model"):
+        cli_llm.calibration_options(args, None)

@@ -193,15 +193,26 @@ FUSED_ATTENTION_RULES: dict[tuple[str, str], OpRule] = {
 @dataclass
 class InferContribShapes(ir.passes.InPlacePass):
     """Complete missing value shapes with onnxruntime's symbolic shape inference, which knows the
-    `com.microsoft` ops (onnx's own inference stops at them). Runs only on graphs that have such ops."""
+    `com.microsoft` ops (onnx's own inference stops at them). Runs only on graphs that have such ops.
+
+    `refine`: also replace a shape that has symbolic dims by a fully static inferred one (on a copy
+    specialised to fixed sizes, where values after a fused op keep the original's symbolic annotation)."""
+
+    refine: bool = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not any(node.domain == "com.microsoft" for node in model.graph):
             return ir.passes.PassResult(model, False)
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+        proto = ir.serde.serialize_model(model)
+        if self.refine:  # the inference keeps a shape it is given: give it only the static ones
+            static = [info for info in proto.graph.value_info
+                      if all(d.HasField("dim_value") for d in info.type.tensor_type.shape.dim)]
+            del proto.graph.value_info[:]
+            proto.graph.value_info.extend(static)
         try:
-            inferred = SymbolicShapeInference.infer_shapes(ir.serde.serialize_model(model), auto_merge=True)
+            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
         except Exception:  # an op it has no handler for: keep the shapes we have
             return ir.passes.PassResult(model, False)
         infos = {info.name: info for info in inferred.graph.value_info}
@@ -209,10 +220,13 @@ class InferContribShapes(ir.passes.InPlacePass):
         for node in model.graph:
             for value in node.outputs:
                 info = infos.get(value.name)
-                if value.shape is not None or info is None or not info.type.tensor_type.HasField("shape"):
+                if info is None or not info.type.tensor_type.HasField("shape"):
                     continue
                 dims = [d.dim_value if d.HasField("dim_value") else ir.SymbolicDim(d.dim_param or None)
                         for d in info.type.tensor_type.shape.dim]
+                static = all(isinstance(d, int) for d in dims)
+                if value.shape is not None and not (self.refine and static and not value.shape.is_static()):
+                    continue
                 value.shape = ir.Shape(dims)
                 if value.dtype is None:
                     value.dtype = ir.DataType(info.type.tensor_type.elem_type)

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from pcc.compiler import from_proto, from_torch
-from pcc.compiler.pipeline import analysis_pipeline, channel_pruning_pipeline
+from pcc.compiler.pipeline import Pipeline, analysis_pipeline, channel_pruning_pipeline, preparation_passes
 from pcc.passes.allocation import Allocation
 from pcc.passes.analysis import DependencyGroups
 from pcc.passes.analysis.attention import AttentionBlocks
+from pcc.passes.analysis.cost import measure_cost
 from pcc.passes.analysis.fused_attention import InferContribShapes
 from pcc.passes.analysis.shapes import InferMissingShapes
 from pcc.passes.transforms.prune_tokens import PruneTokens
@@ -170,6 +171,14 @@ def test_opset23_attention_op():
     model = from_torch(module, _inputs(), input_names=["x", "keep"], dynamic_batch=True, dynamic_sequence=True, opset_version=23)
     proto = ir.serde.serialize_model(model)
     assert sum(n.op_type == "Attention" for n in proto.graph.node) == 2
+    prepared = from_proto(proto)
+    Pipeline(preparation_passes()).run(prepared)
+    for length in (16, 7):
+        # per layer: the Q, K, V, output and FFN projections (K and V at 8 x key/value heads wide), and Q·Kᵀ
+        # and P·V inside the Attention op, 2 x L x L x HIDDEN: what the unfused export's MatMuls count
+        expected = sum(length * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * 8 * kv + 4 * HIDDEN * HIDDEN) + 2 * length * length * HIDDEN
+                       for kv in (HEADS, 2))
+        assert measure_cost(prepared, batch=2, length=length).macs == 2 * expected
     _encoder_case(module, proto, [(HEADS, HEADS, 8, "ai.onnx:Attention"), (HEADS, 2, 8, "ai.onnx:Attention")])
 
 
@@ -230,7 +239,7 @@ def test_transformers_bert_legacy_exporter(tmp_path, attention, fusion):
     from onnxruntime.transformers.optimizer import optimize_model
 
     module = _tiny_bert(attention)
-    proto = _legacy(module, _bert_inputs(), ["input_ids", "attention_mask"])
+    proto = unfused = _legacy(module, _bert_inputs(), ["input_ids", "attention_mask"])
     if fusion is not None:
         path = tmp_path / "bert.onnx"
         onnx.save(proto, path)
@@ -240,6 +249,13 @@ def test_transformers_bert_legacy_exporter(tmp_path, attention, fusion):
                        optimization_options=options).save_model_to_file(str(path))
         proto = onnx.load(path)
         assert sum(n.op_type == fusion and n.domain == "com.microsoft" for n in proto.graph.node) == LAYERS
+        # the fused ops count the MACs of the MatMuls they replace (packed QKV projection included)
+        costs = []
+        for exported in (unfused, proto):
+            prepared = from_proto(exported)
+            Pipeline(preparation_passes()).run(prepared)
+            costs.append(measure_cost(prepared, batch=2, length=16).macs)
+        assert costs[0] == costs[1] > 0
     # no token pruning: onnx's inference loses the sequence axis of this export (unk__N dims, one per
     # value), and fused ops have no probabilities to score tokens by
     _bert_case(module, proto, fused=fusion and f"com.microsoft:{fusion}", tokens=False)

@@ -14,6 +14,7 @@ import zoo
 from torch import nn
 
 from pcc.compiler import from_torch
+from pcc.compiler.errors import InvalidRequestError
 from pcc.compiler.frontend import from_proto
 from pcc.compiler.pipeline import Pipeline, channel_pruning_pipeline, preparation_passes
 from pcc.passes.allocation import Allocation, AllocateUniform
@@ -212,3 +213,15 @@ def test_a_model_that_runs_at_no_tried_length_is_left_as_it_is(tmp_path):
     assert resolved.modified
     frames = next(v for node in model.graph if node.op_type == "Conv" for v in node.outputs)
     assert frames.shape[1] == 16 and not isinstance(frames.shape[2], int)
+
+
+def test_macs_at_sizes_a_model_cannot_run_at_are_refused_not_negative(tmp_path):
+    """openWakeWord's mel front end at 128 samples: the 512-sample kernel gives a negative number of frames."""
+    path = tmp_path / "long_kernel.onnx"
+    torch.onnx.export(_LongKernel().eval(), (torch.randn(1, 1600),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch", 1: "samples"}})
+    model = from_proto(onnx.load(str(path)))
+    with pytest.raises(InvalidRequestError, match=r"Conv node .* negative size at x=1,128.*--input-shape"):
+        measure_cost(model, batch=1, length=128)
+    frames = (1600 - 512) // 160 + 1
+    assert measure_cost(model, input_shapes={"x": (1, 1600)}).macs == frames * 16 * 512 + frames * 16 * 8

@@ -350,23 +350,30 @@ def _relative_error(outputs: list[Tensor], targets: list[Tensor]) -> float:
 
 def _least_squares(
     layer: _Layer, inputs: list[Tensor], targets: list[Tensor], matrix: Tensor, bias: Tensor, mask: Tensor | None,
-    ridge: float,
+    ridge: float, max_rows: int | None = None,
 ) -> tuple[Tensor, Tensor, int]:
-    """Ridge least squares of [W b] on the rows of (inputs, targets); SparseGPT's update after it when
-    `mask` (kept weights) is given. Returns (matrix, bias, rows)."""
+    """Ridge least squares of [W b] on the rows of (inputs, targets), a random `max_rows` of them when there
+    are more; SparseGPT's update after it when `mask` (kept weights) is given. Returns (matrix, bias, rows)."""
     features = matrix.shape[1]
     with_bias = layer.takes_bias
     width = features + with_bias
     xx = torch.zeros(width, width, dtype=torch.float64)
     xy = torch.zeros(width, matrix.shape[0], dtype=torch.float64)
+    total = sum(layer.rows(t).shape[0] for t in targets)
+    share = 1.0 if not max_rows or total <= max_rows else max_rows / total
+    generator = torch.Generator().manual_seed(0)
     rows = 0
     for x, t in zip(inputs, targets):
         chunks = layer.features(x, features)
-        t_rows = layer.rows(t).double()
+        t_rows = layer.rows(t)
         start = 0
         for chunk in chunks:
-            chunk = chunk.double()
             t_chunk = t_rows[start : start + chunk.shape[0]]
+            start += chunk.shape[0]
+            if share < 1.0:  # neighbouring positions of an image say much the same: a random share of them
+                pick = torch.rand(chunk.shape[0], generator=generator) < share
+                chunk, t_chunk = chunk[pick], t_chunk[pick]
+            chunk, t_chunk = chunk.double(), t_chunk.double()
             xx[:features, :features] += chunk.T @ chunk
             xy[:features] += chunk.T @ t_chunk
             if with_bias:  # the column of ones, without building it
@@ -375,8 +382,7 @@ def _least_squares(
                 xx[features, :features] += sums
                 xx[features, features] += chunk.shape[0]
                 xy[features] += t_chunk.sum(0)
-            start += chunk.shape[0]
-        rows += start
+            rows += chunk.shape[0]
     diagonal = torch.diagonal(xx)[:features]
     regularised = xx.clone()
     torch.diagonal(regularised)[:features] += ridge * float(diagonal.mean()) if features else 0.0
@@ -391,7 +397,7 @@ def _least_squares(
 
 
 def _fit_layer(
-    planned: _Planned, inputs: list[Tensor], targets: list[Tensor], mode: str, ridge: float,
+    planned: _Planned, inputs: list[Tensor], targets: list[Tensor], mode: str, ridge: float, max_rows: int | None,
 ) -> tuple[LayerFit, Tensor, Tensor]:
     """Fit one layer; returns the record and the parameters to use from now on (matrix, bias vector)."""
     layer = planned.layer
@@ -409,7 +415,7 @@ def _fit_layer(
         new_matrix, new_bias = matrix, bias + (sum(r.sum(0) for r in residual) / rows).to(bias.dtype)
     else:
         mask = matrix != 0 if planned.sparse else None
-        new_matrix, new_bias, rows = _least_squares(layer, inputs, targets, matrix, bias, mask, ridge)
+        new_matrix, new_bias, rows = _least_squares(layer, inputs, targets, matrix, bias, mask, ridge, max_rows)
     del before_outputs
     after = _relative_error([layer.complete(layer.node_output(x, new_matrix, new_bias), new_bias) for x in inputs], targets)
     if after > before:
@@ -419,21 +425,32 @@ def _fit_layer(
 
 def reconstruct(
     model: ir.Model, reference: DenseReference, batches: list[dict[str, np.ndarray]], mode: str = "ls",
-    ridge: float = 1e-2,
+    ridge: float = 1e-2, dense_batches: list[dict[str, np.ndarray]] | None = None, layers: set[str] | None = None,
+    max_rows: int | None = None,
 ) -> ReconstructionReport:
-    """Re-fit `model`'s reduced layers in place on `batches` against `reference` (see the module docstring)."""
+    """Re-fit `model`'s reduced layers in place on `batches` against `reference` (see the module docstring).
+
+    `dense_batches` feed the reference instead of `batches` where the two models' inputs differ: a
+    sub-model entered from an already pruned network takes the pruned activations, its dense twin the
+    dense ones. `layers` (node names) restricts the fit to those layers; the others keep their weights.
+    `max_rows` caps the rows (samples times output positions) a least-squares fit accumulates: a random
+    share of a convolution's positions is taken when there are more.
+    """
     if mode not in RECONSTRUCTION_METHODS:
         raise InvalidRequestError(f"reconstruction mode must be one of {', '.join(RECONSTRUCTION_METHODS)}, got {mode!r}")
     start = time.perf_counter()
     plan = _plan(model, reference)
-    feeds = [{name: torch.from_numpy(np.asarray(array)) for name, array in batch.items()} for batch in batches]
+    if layers is not None:
+        plan = {name: planned for name, planned in plan.items() if name in layers}
+    feeds = _tensors(batches)
     samples = sum(len(next(iter(batch.values()))) for batch in batches) if batches else 0
     report = ReconstructionReport(mode, 0.0, samples)
     if plan:
         pruned = _Walk(model, feeds)
-        dense = _Walk(reference.model, feeds, pinned=set(plan))
+        dense = _Walk(reference.model, feeds if dense_batches is None else _tensors(dense_batches), pinned=set(plan))
+        last = max(index for index, node in enumerate(pruned.nodes) if node.name in plan)
         with torch.no_grad():
-            for index, node in enumerate(pruned.nodes):
+            for index, node in enumerate(pruned.nodes[: last + 1]):  # nothing after the last fitted layer changes
                 planned = plan.get(node.name)
                 dense_node = dense.run_through(node.name) if planned is not None else None
                 if dense_node is None:
@@ -441,7 +458,7 @@ def reconstruct(
                     continue
                 targets = _dense_targets(planned, dense, dense_node)
                 inputs = pruned.get(node.inputs[0].name)
-                fit, matrix, bias = _fit_layer(planned, inputs, targets, mode, ridge)
+                fit, matrix, bias = _fit_layer(planned, inputs, targets, mode, ridge, max_rows)
                 del targets
                 report.layers.append(fit)
                 layer = planned.layer
@@ -456,6 +473,10 @@ def reconstruct(
                     _write(model, layer, matrix, bias)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _tensors(batches: list[dict[str, np.ndarray]]) -> list[dict[str, Tensor]]:
+    return [{name: torch.from_numpy(np.asarray(array)) for name, array in batch.items()} for batch in batches]
 
 
 def _dense_targets(planned: _Planned, dense: _Walk, dense_node: ir.Node) -> list[Tensor]:

@@ -167,15 +167,20 @@ class Repair:
 
     def apply(
         self, variant: ir.Model, dense: ir.Model, batches: Sequence[Mapping[str, np.ndarray]],
-        kept: dict[tuple[str, int], np.ndarray],
+        kept: dict[tuple[str, int], np.ndarray], dense_batches: Sequence[Mapping[str, np.ndarray]] | None = None,
+        layers: set[str] | None = None,
     ) -> None:
-        """Repair `variant` in place: `dense` is the unpruned model with the same inputs, fed `batches`, and
-        `kept` the dense indices each pruned (tensor, axis) kept (`DependencyGroups.kept_indices`)."""
+        """Repair `variant` in place: `dense` is the unpruned model with the same inputs, fed `batches` (or
+        `dense_batches` where its inputs differ), `kept` the dense indices each pruned (tensor, axis) kept
+        (`DependencyGroups.kept_indices`), and `layers` the only layers to re-fit (None: all that lost inputs)."""
         if self.reconstruct != "none" and kept:
             from pcc.passes.analysis.dense_reference import DenseReference
             from pcc.passes.transforms.reconstruct import reconstruct
 
-            reconstruct(variant, DenseReference(dense, dict(kept)), list(batches), self.reconstruct)
+            reconstruct(
+                variant, DenseReference(dense, dict(kept)), list(batches), self.reconstruct,
+                dense_batches=None if dense_batches is None else list(dense_batches), layers=layers,
+            )
         if self.recalibrate_bn:
             from pcc.passes.transforms.recalibrate_batchnorm import reestimate_batchnorm_statistics
 
@@ -390,17 +395,17 @@ class VariantMeter:
         self.metric, self.repair, self.sampling, self.threads = metric, repair, sampling, threads
         self.base_removed = np.zeros(groups.num_units, dtype=bool) if base_removed is None else base_removed
         self.output_names = [v.name for v in model.graph.outputs]
-        # reconstruction aims at the dense model's activations, which a region entered from a pruned base
-        # cannot compute: around an allocation, it repairs whole variants
-        whole = repair.reconstruct != "none" and self.base_removed.any()
-        everything = set().union(*(group_values(groups, g) for g in groups.groups)) if whole else set()
-        self.regions = {
-            g.index: downstream_region(model.graph, everything or group_values(groups, g)) for g in groups.groups if g.prunable
-        }
+        self.regions = {g.index: downstream_region(model.graph, group_values(groups, g)) for g in groups.groups if g.prunable}
+        # around a pruned base, reconstruction aims at the dense model's activations, which a region entered
+        # from that base cannot compute: the dense ones entering it are kept as well
+        self.refits_around = repair.reconstruct != "none" and bool(self.base_removed.any())
         self._joint: dict[bytes, VariantScore] = {}
         self.whole_runs = 0  # whole variants actually run (repeats are answered from memory)
         self._upstream = None  # base model with every region's entering activations as outputs
-        self._current: tuple | None = None  # one group's region, its model, groups and feeds
+        self._refitted: dict[str, ir.TensorProtocol] = {}  # the base's parameters its repair changed
+        self._base_shapes: dict[str, tuple[int, ...]] = {}  # the base's initializers' shapes
+        self._dense_upstream = None  # the dense model with every region's entering activations as outputs
+        self._current: tuple | None = None  # one group's region, its model, groups, feeds and dense feeds
 
     @classmethod
     def dense(
@@ -452,11 +457,18 @@ class VariantMeter:
         from pcc.backends.onnx.runtime import session
         from pcc.passes.transforms.prune_channels import prune_channels
 
-        region, dense_region, local_groups, feeds = self._region(group)
+        region, dense_region, local_groups, feeds, dense_feeds = self._region(group)
         variant = dense_region.clone()
         prune_channels(variant, local_groups, removed)
         if self.repair:
-            self.repair.apply(variant, dense_region, self.sampling.repair_batches(feeds), local_groups.kept_indices(removed))
+            kept = local_groups.kept_indices(removed)
+            if self.refits_around:
+                self.repair.apply(
+                    variant, dense_region, self.sampling.repair_batches(feeds), kept,
+                    dense_batches=self.sampling.repair_batches(dense_feeds), layers=self._adopt_base(variant),
+                )
+            else:
+                self.repair.apply(variant, dense_region, self.sampling.repair_batches(feeds), kept)
         sess = session(ir.serde.serialize_model(variant).SerializeToString(), threads=self.threads)
         places = [self.output_names.index(name) for name in region.outputs]
         estimate = _Estimate()
@@ -469,42 +481,84 @@ class VariantMeter:
                 break
         return estimate.value, estimate.samples
 
-    def _region(self, group: int) -> tuple[Region, ir.Model, DependencyGroups, list[dict[str, np.ndarray]]]:
+    def _region(self, group: int) -> tuple[Region, ir.Model, DependencyGroups, list[dict[str, np.ndarray]], list | None]:
         """The group's region as a model (dense weights; pruning narrows them), the groups restricted to its
-        tensors (the base's other pruned groups also narrow the activations entering it), and the base's
-        activations entering it for every batch (kept for one group at a time: they can be large)."""
+        tensors (the base's other pruned groups also narrow the activations entering it), the base's
+        activations entering it for every batch (kept for one group at a time: they can be large), and the
+        dense model's where reconstruction around a pruned base needs them (else None)."""
         region = self.regions[group]
         if self._current is None or self._current[0] != group:
             self._current = None  # free the previous group's activations first
-            upstream = [name for name in region.inputs if name not in self.batches[0]]
-            if upstream:
-                session = self._upstream_session()
-                feeds = [dict(zip(upstream, session.run(upstream, batch))) for batch in self.batches]
-            else:
-                feeds = [{} for _ in self.batches]
-            for entry, batch in zip(feeds, self.batches):
-                entry.update({name: batch[name] for name in region.inputs if name in batch})
+            feeds = self._entering(region, self._upstream_session)
+            dense_feeds = self._entering(region, self._dense_upstream_session) if self.refits_around else None
             model = region_model(self.model, region)
             names = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
             names |= {v.name for node in model.graph for v in node.outputs if v is not None}
             spaces = self.groups.spaces
             local = {space: units for space, units in self.groups.space_units.items() if spaces[space].value in names}
-            self._current = (group, model, dataclasses.replace(self.groups, space_units=local), feeds)
+            self._current = (group, model, dataclasses.replace(self.groups, space_units=local), feeds, dense_feeds)
         return region, *self._current[1:]
 
-    def _upstream_session(self):
-        from pcc.backends.onnx.runtime import session
-        from pcc.passes.transforms.prune_channels import pruned_copy
+    def _entering(self, region: Region, upstream_session) -> list[dict[str, np.ndarray]]:
+        """The activations entering `region` for every batch, computed by `upstream_session()` when not inputs."""
+        upstream = [name for name in region.inputs if name not in self.batches[0]]
+        if upstream:
+            session = upstream_session()
+            feeds = [dict(zip(upstream, session.run(upstream, batch))) for batch in self.batches]
+        else:
+            feeds = [{} for _ in self.batches]
+        for entry, batch in zip(feeds, self.batches):
+            entry.update({name: batch[name] for name in region.inputs if name in batch})
+        return feeds
 
+    def _upstream_session(self):
         if self._upstream is None:
+            from pcc.passes.transforms.prune_channels import pruned_copy
+
             base = pruned_copy(self.model, self.groups, self.base_removed)
             if self.repair:
+                before = {name: value.const_value for name, value in base.graph.initializers.items()}
                 self.repair.apply(base, self.model, self.batches, self.groups.kept_indices(self.base_removed))
-            values = {v.name: v for n in base.graph for v in n.outputs if v is not None}
-            wanted = {name for region in self.regions.values() for name in region.inputs if name in values}
-            base.graph.outputs.extend(values[name] for name in sorted(wanted) if not values[name].is_graph_output())
-            self._upstream = session(ir.serde.serialize_model(base).SerializeToString(), threads=self.threads)
+                self._refitted = {
+                    name: value.const_value for name, value in base.graph.initializers.items()
+                    if value.const_value is not before.get(name)
+                }
+            self._base_shapes = {
+                name: tuple(value.const_value.shape) for name, value in base.graph.initializers.items()
+                if value.const_value is not None
+            }
+            self._upstream = self._session_with_region_inputs(base)
         return self._upstream
+
+    def _dense_upstream_session(self):
+        if self._dense_upstream is None:
+            self._dense_upstream = self._session_with_region_inputs(self.model.clone())
+        return self._dense_upstream
+
+    def _session_with_region_inputs(self, model: ir.Model):
+        """An onnxruntime session of `model` (changed here) that also outputs every region's entering activations."""
+        from pcc.backends.onnx.runtime import session
+
+        values = {v.name: v for n in model.graph for v in n.outputs if v is not None}
+        wanted = {name for region in self.regions.values() for name in region.inputs if name in values}
+        model.graph.outputs.extend(values[name] for name in sorted(wanted) if not values[name].is_graph_output())
+        return session(ir.serde.serialize_model(model).SerializeToString(), threads=self.threads)
+
+    def _adopt_base(self, variant: ir.Model) -> set[str]:
+        """Give `variant` (a region pruned as the base is, but for one group) the parameters the base's repair
+        re-fitted wherever their shapes agree, and return the layers whose parameters differ in shape from
+        the base's: the group's consumers and producers, the only layers a cheap reconstruction re-fits. (A
+        bias the base's reconstruction added to a layer that had none is not carried over.)"""
+        self._upstream_session()
+        changed = set()
+        for name, value in variant.graph.initializers.items():
+            if value.const_value is None or name not in self._base_shapes:
+                continue
+            if self._base_shapes[name] != tuple(value.const_value.shape):
+                changed.update(node.name for node, _ in value.uses())
+            elif name in self._refitted:
+                value.const_value = self._refitted[name]
+        return changed
 
 
 @dataclass

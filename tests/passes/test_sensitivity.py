@@ -179,3 +179,34 @@ def test_the_sweep_repairs_each_variant_as_the_final_model_is_repaired(zoo_cache
         assert on_region == pytest.approx(repaired.joint(removed).distortion, rel=1e-3, abs=1e-9)
         lowered += on_region < plain.region(group.index, removed)[0]
     assert lowered >= 2
+
+
+def test_around_a_pruned_base_a_variant_refits_only_its_groups_layers_and_tracks_the_whole_repair(zoo_cache):
+    """Around an allocation, a variant runs on its group's region with the base's reconstructed weights, and
+    re-fits only the layers whose shapes differ from the base's against the dense activations: close to
+    reconstructing the whole variant, far from not reconstructing at all."""
+    from pcc.passes.allocation.allocation import RemovalPlanner
+    from pcc.passes.analysis.sensitivity import FULL_SET, Repair, VariantMeter
+
+    model, groups, scores = _analysed(zoo_cache.model("resnet_bottleneck"))
+    planner = RemovalPlanner(groups, scores)
+    dense = VariantMeter.dense(model, groups, CalibrationData.random(model, samples=16, batch_size=8))
+    prunable = [g for g in groups.groups if g.prunable]
+    base = np.asarray([g.num_units for g in groups.groups])
+    for group in prunable[:-2] + prunable[-1:]:  # one group stays whole: its consumers were not re-fitted
+        base[group.index] = max(group.min_units, 3 * group.num_units // 4)
+
+    def meter(repair):
+        return VariantMeter(model, groups, dense.batches, dense.reference, dense.metric, repair, FULL_SET, planner.mask(base))
+
+    refitted, unrepaired = meter(Repair(reconstruct="ls")), meter(Repair())
+    nodes = len(list(model.graph))
+    for group in prunable[-3:]:
+        keep = base.copy()
+        keep[group.index] = max(group.min_units, group.num_units // 4)
+        removed = planner.mask(keep)
+        on_region, _ = refitted.region(group.index, removed)
+        whole = refitted.joint(removed).distortion
+        assert len(refitted.regions[group.index].nodes) < nodes / 2
+        assert on_region == pytest.approx(whole, rel=0.25)
+        assert on_region < 0.5 * unrepaired.region(group.index, removed)[0]

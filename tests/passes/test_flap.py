@@ -68,11 +68,9 @@ def test_scores_and_compensation_on_a_linear_layer():
 
 def test_flap_on_a_llama_ranks_layers_together():
     pytest.importorskip("transformers")
-    from tests.passes.tiny_llama import CONFIG, tiny_llama, token_batches
+    from tests.passes.tiny_llama import CONFIG, exported, token_batches
 
-    from pcc.compiler.llm import export_causal_lm
-
-    proto = ir.serde.serialize_model(export_causal_lm(tiny_llama()))
+    proto = exported()
     calibration = CalibrationData.from_iterable(ir.serde.deserialize_model(proto), token_batches(4), batch_size=4)
     held_out = token_batches(1, batch=4, length=12, seed=7)[0]
     dense = run_onnx(proto, held_out)[0]

@@ -5,6 +5,13 @@ Per decoder layer pcc finds one attention block through the rotary embedding (Q,
 and one SwiGLU group (gate and up rows with the down column); the residual width is never a group. Removing
 units gives a model that runs in onnxruntime and equals the torch model with those units' output-projection
 inputs zeroed; removing a decoder layer equals the torch model without it.
+
+Why these units: the grouped-query repeat (Expand/Reshape of each key/value head to its query heads) gives
+every key/value head the same number of query heads, so a query head alone cannot go unless every group
+loses one; a key/value head with its query heads is the finest unit that removes K/V work and cache too.
+RoPE pairs channel i with i + d/2 inside a head, so the head dim is never cut: heads go whole. RMSNorm's
+mean of squares runs over the hidden axis (a reduction: the channel rules freeze it), so the residual
+width stays as it is and every layer's input and output keep the model's hidden size.
 """
 
 from __future__ import annotations
@@ -16,11 +23,10 @@ import onnx_ir as ir
 import pytest
 
 from tests.conftest import max_relative_difference, run_onnx
-from tests.passes.tiny_llama import CONFIG, tiny_llama, token_batches, torch_logits
+from tests.passes.tiny_llama import CONFIG, exported, tiny_llama, token_batches, torch_logits
 
 from pcc.compiler import Pipeline
 from pcc.compiler.calibration import CalibrationData
-from pcc.compiler.llm import export_causal_lm
 from pcc.compiler.pipeline import analysis_pipeline, channel_pruning_pipeline, preparation_passes
 from pcc.passes.allocation import Allocation
 from pcc.passes.analysis import DependencyGroups
@@ -35,8 +41,7 @@ HEAD_DIM = CONFIG["hidden_size"] // HEADS
 
 @pytest.fixture(scope="module")
 def llama():
-    module = tiny_llama()
-    return module, ir.serde.serialize_model(export_causal_lm(module))
+    return tiny_llama(), exported()
 
 
 def test_groups_per_decoder_layer(llama):

@@ -8,7 +8,10 @@ every layer and the norm would test nothing.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+import onnx
 import pytest
 
 transformers = pytest.importorskip("transformers")
@@ -29,6 +32,17 @@ def tiny_llama(seed: int = 0):
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
     return llama
+
+
+@functools.cache
+def exported() -> onnx.ModelProto:
+    """`tiny_llama()` as `pcc.compiler.llm.export_causal_lm` exports it, once per test session (the dynamo
+    export is most of these tests' time); deserialise a fresh IR from it for every pipeline."""
+    import onnx_ir as ir
+
+    from pcc.compiler.llm import export_causal_lm
+
+    return ir.serde.serialize_model(export_causal_lm(tiny_llama()))
 
 
 def token_batches(count: int, batch: int = 4, length: int = 12, seed: int = 1) -> list[dict[str, np.ndarray]]:

@@ -15,7 +15,7 @@ For every sparsity x allocator x reconstruction mode the model is compiled throu
 `CompileOptions` the command line fills) and scored; a table is printed as it goes and written to
 OUT/CASE.md and OUT/CASE.json with the compile times.
 
-    python examples/bench_oneshot.py resconcat [--sparsities 0.3 0.5 0.7] [--allocators uniform lamp dp]
+    python examples/bench_oneshot.py resconcat [--sparsities 0.3 0.5 0.7] [--allocators uniform global lamp dp]
                                                [--reconstruct none ls] [--out out/bench_oneshot]
 """
 
@@ -132,12 +132,14 @@ def minilm_case(calib_samples: int) -> list[Case]:
 CASES = {"resconcat": resconcat_case, "efficientnet": efficientnet_case, "minilm": minilm_case}
 
 
-def compile_point(case: Case, sparsity: float, allocator: str, reconstruct: str, workers: int) -> Point:
+def compile_point(case: Case, sparsity: float, allocator: str, reconstruct: str, workers: int, sweeps: Path) -> Point:
+    """One compile; the DP's sweep does not depend on the sparsity, so it is kept in `sweeps` and reused."""
     model = case.model.clone()
     recalibrate = any(node.op_type == "BatchNormalization" for node in model.graph)
     options = CompileOptions(
         sparsity=sparsity, prune=case.prune, allocator=allocator, reconstruct=reconstruct, calibration=case.calibration,
         recalibrate_bn=recalibrate, workers=workers,
+        sensitivity_cache=sweeps / f"{case.name.replace(' ', '_')}-{reconstruct}.npz",
     )
     start = time.perf_counter()
     result = compile_pipeline(options).run(model)
@@ -168,7 +170,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("case", choices=sorted(CASES))
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    parser.add_argument("--allocators", nargs="+", default=["uniform", "lamp", "dp"])
+    parser.add_argument("--allocators", nargs="+", default=["uniform", "global", "lamp", "dp"])
     parser.add_argument("--reconstruct", nargs="+", default=["none", "ls"])
     parser.add_argument("--calib-samples", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
@@ -184,7 +186,7 @@ def main() -> int:
         for sparsity in args.sparsities:
             for allocator in args.allocators:
                 for reconstruct in args.reconstruct:
-                    point = compile_point(case, sparsity, allocator, reconstruct, args.workers)
+                    point = compile_point(case, sparsity, allocator, reconstruct, args.workers, args.out)
                     points.append(point)
                     print(f"  {sparsity:.1f} {allocator:8s} {reconstruct:5s} removed {100 * point.achieved:5.1f}%  "
                           f"{case.metric} {100 * point.score:6.2f}%  ({point.seconds:.1f} s) {point.note}", flush=True)

@@ -180,7 +180,8 @@ def run_case(case: Case, args) -> None:
     fraction = max(0.0, 1.0 - 1.0 / target["speedup"])  # nothing to match when channel pruning measured no faster
     for allocator in args.rank_allocators:
         measure(case, lowrank(case, fraction, allocator, "latency", measured), "low rank", allocator, point, args)
-    finetune(case, args)
+    if not args.no_finetune:
+        finetune(case, args)
     print(f"  {case.name}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -227,6 +228,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=4096, help="CNN fine-tuning subset")
     parser.add_argument("--train-sentences", type=int, default=2400, help="the dense MiniLM's own fine-tuning sentences")
     parser.add_argument("--finetune-sentences", type=int, default=1024, help="MiniLM fine-tuning subset (after those)")
+    parser.add_argument("--no-finetune", action="store_true", help="only the models before fine-tuning")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     builders = {"cnn": cnn_case, "minilm": minilm_case}

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from pcc.passes.results import fetch, store
+from pcc.passes.analysis.dependency_groups import DependencyGroups
+from pcc.passes.results import fetch, invalidate, store
 from pcc.passes.transforms.sparsify_weights import SparseLayer, sparse_weight_layers
 
 __all__ = [
@@ -266,5 +267,7 @@ class FactorizeLowRank(ir.passes.InPlacePass):
 
             ranks = fetch(model, RankAllocation).ranks_by_weight()
         report = factorize(model, ranks)
+        if report.factorized:
+            invalidate(model, DependencyGroups)  # its tensors and axes name weights that are gone
         store(model, report)
         return ir.passes.PassResult(model, modified=bool(report.factorized))

@@ -5,6 +5,10 @@ Cases (each run in its own process, so a slow "before" can be stopped at --limit
 - fashion:  the bundled Fashion-MNIST CNN, `pcc compile --allocator dp --sparsity 0.5 --calib
             fmnist_calib.npz --report` as the CLI builds it (BatchNorm re-estimated on the 512 calibration
             images); times the sweep, the DP and the report's allocator comparison (target < 30 s).
+- resconcat: the held-out ResConcat CNN (326k parameters, BatchNorm folded), as `pcc compile --allocator dp
+            --sparsity 0.5 --calib ... --report` builds it: reconstruction (`ls`, the default with --calib)
+            in every sweep variant and the final model, 512 Fashion-MNIST training images (target < 30 s);
+            a revision without `reconstruct` runs without it.
 - cnn20m:   a ResNet-34-shaped CNN (21.8M parameters, random weights, 3x128x128 inputs), DP at 0.7
             params on 64 random calibration inputs (target < 3 min).
 - resnet50: ResNet-50 (random weights, 224x224), DP with `--budget latency` at 0.5 (target < 10 min).
@@ -15,7 +19,8 @@ Cases (each run in its own process, so a slow "before" can be stopped at --limit
 processes) are printed so runs on a busy machine can be compared. Needs `apt-get install dataset-fashion-mnist` and `python examples/fashion_mnist.py --out
 /tmp/fm` for the Fashion-MNIST cases.
 
-    python examples/bench_dp_speed.py [--before bb2947c] [--cases fashion,cnn20m,resnet50,accuracy] [--limit-s 600]
+    python examples/bench_dp_speed.py [--before bb2947c] [--cases fashion,resconcat,cnn20m,resnet50,accuracy]
+                                      [--limit-s 600]
 """
 
 from __future__ import annotations
@@ -72,6 +77,24 @@ def case_fashion() -> dict:
     )
     result = pipeline.run(model)
     return {**_timings(result), "allocation": _allocation_line(result)}
+
+
+def case_resconcat() -> dict:
+    import dataclasses
+
+    import fashion_mnist
+
+    from pcc.compiler import channel_pruning_pipeline, load_onnx
+    from pcc.compiler.calibration import CalibrationData
+    from pcc.compiler.options import CompileOptions
+
+    model = load_onnx(HERE / "models" / "fashion_resconcat.onnx")
+    images, _ = fashion_mnist.calibration_split(512)
+    calibration = CalibrationData.from_arrays(model, {fashion_mnist.INPUT_NAME: images}, source="fashion-mnist train")
+    repair = {"reconstruct": "ls"} if "reconstruct" in {f.name for f in dataclasses.fields(CompileOptions)} else {}
+    pipeline = channel_pruning_pipeline(0.5, allocator="dp", calibration=calibration, compare_allocators=True, **repair)
+    result = pipeline.run(model)
+    return {**_timings(result), "allocation": _allocation_line(result), **repair}
 
 
 def _torch_case(make, shape, sparsity: float, budget: str, samples: int) -> dict:
@@ -135,7 +158,7 @@ def case_accuracy() -> dict:
     return table
 
 
-CASES = {"fashion": case_fashion, "cnn20m": case_cnn20m, "resnet50": case_resnet50, "accuracy": case_accuracy}
+CASES = {"fashion": case_fashion, "resconcat": case_resconcat, "cnn20m": case_cnn20m, "resnet50": case_resnet50, "accuracy": case_accuracy}
 
 
 def _run_case(name: str, pythonpath: str | None, limit: float) -> dict:
@@ -182,7 +205,7 @@ def _show(label: str, name: str, numbers: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", metavar="REV", help="also time the package as it was at this git revision")
-    parser.add_argument("--cases", default="fashion,cnn20m,resnet50,accuracy")
+    parser.add_argument("--cases", default="fashion,resconcat,cnn20m,resnet50,accuracy")
     parser.add_argument("--limit-s", type=float, default=900.0, help="stop a case after this long")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # internal: run one case here
     args = parser.parse_args()

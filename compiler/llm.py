@@ -3,7 +3,10 @@
 The model is loaded with `transformers` (GGUF weights dequantised to float32 by `transformers` + `gguf`;
 optional extra `pcc[llm]`) and exported with `torch.onnx.export(dynamo=True)` as the function
 `input_ids` [batch, seq] (int64, both axes symbolic) → `logits` [batch, seq, vocab], without a KV cache:
-the prefill form, the one pruning analyses and calibration run.
+the prefill form, the one pruning analyses and calibration run. `export_decoder_step` exports the
+generation form: the same model with the key/value cache in and out, stacked over the layers as
+`past_keys`/`past_values` [layers, batch, kv_heads, past, head_dim] → `logits`, `present_keys`,
+`present_values` [.., past + seq, ..] (a prefill is a step with an empty cache, past = 0).
 
 Why these choices:
 - Attention is exported from transformers' `eager` implementation, not `sdpa`: both run the same, but
@@ -37,6 +40,7 @@ __all__ = [
     "is_causal_lm_path",
     "load_hf_causal_lm",
     "export_causal_lm",
+    "export_decoder_step",
     "load_causal_lm",
     "save_tokenizer",
 ]
@@ -109,6 +113,50 @@ def export_causal_lm(module: Any) -> ir.Model:
     model = from_torch(
         _Logits(module), (example,), input_names=["input_ids"], output_names=["logits"],
         dynamic_batch=True, dynamic_sequence=True,
+    )
+    _name_weights(model, module)
+    return model
+
+
+def export_decoder_step(module: Any) -> ir.Model:
+    """Export a `transformers` causal LM's generation step with its KV cache as tensors (module docstring)."""
+    import torch
+    from transformers import DynamicCache
+
+    from pcc.compiler.frontend import from_torch
+
+    config = module.config
+    layers = int(config.num_hidden_layers)
+
+    class _Step(torch.nn.Module):
+        def __init__(self, lm: Any) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor):
+            cache = DynamicCache(config=config)
+            for i in range(layers):
+                cache.update(past_keys[i], past_values[i], i)
+            past, (batch, length) = past_keys.shape[3], input_ids.shape
+            positions = torch.arange(past, past + length).unsqueeze(0).expand(batch, -1)
+            mask = torch.ones(batch, past + length, dtype=torch.int64)
+            out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            kept = out.past_key_values.layers
+            return out.logits, torch.stack([k.keys for k in kept]), torch.stack([k.values for k in kept])
+
+    heads = int(config.num_key_value_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    generator = torch.Generator().manual_seed(0)
+    example = (  # sizes > 1 everywhere: the exporter specialises axes of size 1
+        torch.randint(0, int(config.vocab_size), (2, 3), generator=generator),
+        torch.randn(layers, 2, heads, 5, head_dim, generator=generator),
+        torch.randn(layers, 2, heads, 5, head_dim, generator=generator),
+    )
+    batch, length, past = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    model = from_torch(
+        _Step(module), example, input_names=["input_ids", "past_keys", "past_values"],
+        output_names=["logits", "present_keys", "present_values"],
+        dynamic_shapes=({0: batch, 1: length}, {1: batch, 3: past}, {1: batch, 3: past}),
     )
     _name_weights(model, module)
     return model

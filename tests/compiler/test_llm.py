@@ -28,7 +28,7 @@ from tests.conftest import run_onnx  # noqa: E402
 from pcc.compiler import cli_llm  # noqa: E402
 from pcc.compiler.calibration import load_calibration  # noqa: E402
 from pcc.compiler.errors import InvalidRequestError, ModelLoadError  # noqa: E402
-from pcc.compiler.llm import is_causal_lm_path, load_causal_lm, save_tokenizer  # noqa: E402
+from pcc.compiler.llm import export_decoder_step, is_causal_lm_path, load_causal_lm, save_tokenizer  # noqa: E402
 from pcc.passes.analysis.attention import find_attention_blocks  # noqa: E402
 from pcc.passes.analysis.perplexity import text_perplexity  # noqa: E402
 
@@ -188,3 +188,20 @@ def test_cli_finish_saves_the_tokenizer_and_reports_perplexity(imported, tmp_pat
     assert report.perplexity_text.endswith("196 tokens in windows of 50")
     with pytest.raises(InvalidRequestError, match="language model"):
         cli_llm.calibration_options(args, None)
+
+
+def test_decoder_step_with_kv_cache_continues_a_prefill_exactly():
+    llama = tiny_llama()
+    step = export_decoder_step(llama)
+    assert [v.name for v in step.graph.outputs] == ["logits", "present_keys", "present_values"]
+    tokens = np.random.default_rng(5).integers(0, VOCAB, (2, 11)).astype(np.int64)
+    empty = np.zeros((TINY["num_hidden_layers"], 2, TINY["num_key_value_heads"], 0, 16), np.float32)
+    logits, keys, values = run_onnx(step, {"input_ids": tokens[:, :8], "past_keys": empty, "past_values": empty})
+    assert keys.shape == (2, 2, 2, 8, 16)
+    decoded = []
+    for i in range(8, 11):  # one token at a time, the cache growing
+        out, keys, values = run_onnx(step, {"input_ids": tokens[:, i : i + 1], "past_keys": keys, "past_values": values})
+        decoded.append(out[:, 0])
+    full = torch_logits(llama, tokens)
+    np.testing.assert_allclose(logits, full[:, :8], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.stack(decoded, axis=1), full[:, 8:], atol=1e-4, rtol=0)

@@ -165,8 +165,11 @@ def preparation_passes(
     """Make the imported graph analysable: real weight tensors, shapes (symbolic axes resolved on copies sized
     `length` or `input_shapes`, the graph itself keeping them), static reshapes, attention heads split in a
     layout the channel rules follow, shuffles as Gathers."""
+    from pcc.passes.transforms.remove_no_ops import RemoveNoOps
+
     return [
         FoldConstants(),
+        RemoveNoOps(),  # converters' x + 0 and x * 1 (Paddle's scale op) hide the scaled query from attention
         common_passes.ShapeInferencePass(strict_mode=False),
         InferContribShapes(),  # onnxruntime's shape inference for com.microsoft ops (fused attention), where present
         InferMissingShapes(),
@@ -278,14 +281,14 @@ def allocation_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
 
 
 def variant_repair(options: CompileOptions) -> Repair:
-    """What every variant a sweep or comparison measures gets before it is measured.
+    """What every variant a sweep or comparison measures gets before it is measured: the final model's repair.
 
-    BatchNorm re-estimation, as the final model gets. Reconstruction is not yet run inside the sweep: with
-    `ls` in every variant the DP and report on a 326k-parameter CNN took over ten minutes, so the command
-    line's sweep measures variants unrepaired by it for now; `Repair(reconstruct=...)` passed to
-    `MeasureSensitivity`/`AllocateDP` from the API measures exactly the final model, at that cost.
+    The final model's reconstruction and BatchNorm re-estimation, so the DP's curves are those of the model
+    it produces. Cheaply: a sweep variant re-fits only the layers its group changed (the group's consumers
+    and producers) on its region, from the repaired base's parameters, on the sweep's repair samples, each
+    least-squares fit on a random share of the positions (`Repair.max_rows`).
     """
-    return Repair(recalibrate_bn=options.recalibrate_bn)
+    return Repair(recalibrate_bn=options.recalibrate_bn, reconstruct=options.reconstruct)
 
 
 def repair_passes(options: CompileOptions) -> list[ir.passes.PassBase]:

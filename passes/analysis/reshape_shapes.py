@@ -5,7 +5,8 @@ old torch exports as `Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), ..., Mul
 axis in `x`, onnx's inference gives up on such a Reshape, so its output (and everything after it: the
 Transpose of the flattened map, the classifier's MatMul) has no shape and the channel analysis refuses
 the model. Yet the target is a list of known entries: numbers, the input's own dimensions, and one -1
-whose size follows from the rest. This pass reads those entries through the shape arithmetic, writes the
+whose size follows from the rest. This pass reads those entries through the shape arithmetic (one parser
+with StaticReshapeTargets: `shape_entries`), writes the
 output shape it implies (symbolic where it truly is), and lets onnx's inference carry it on.
 """
 
@@ -29,39 +30,6 @@ _MAX_ROUNDS = 8
 def _attr(node: ir.Node, name: str, default):
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
-
-
-def _const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        return None
-    return [int(v) for v in value.const_value.numpy().reshape(-1)]
-
-
-def target_entries(value: ir.Value) -> list[Entry] | None:
-    """`shape_entries`, also through Slice and Mul, the arithmetic converters add around Shape."""
-    node = value.producer()
-    if node is None or value.const_value is not None:
-        return shape_entries(value)
-    if node.op_type == "Slice":
-        data = target_entries(node.inputs[0])
-        starts, ends = _const_ints(node.inputs[1]), _const_ints(node.inputs[2])
-        axes = _const_ints(node.inputs[3]) if len(node.inputs) > 3 else [0]
-        steps = _const_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
-        if data is None or starts is None or ends is None or axes not in ([0], [-1]) or steps != [1]:
-            return None
-        return data[slice(starts[0], ends[0])]
-    if node.op_type == "Mul":
-        parts = [target_entries(v) for v in node.inputs]
-        if any(p is None or len(p) != 1 for p in parts):
-            return None
-        a, b = parts[0][0], parts[1][0]
-        return [a * b if isinstance(a, int) and isinstance(b, int) else None]
-    if node.op_type == "Concat" and _attr(node, "axis", 0) in (0, -1):
-        parts = [target_entries(v) for v in node.inputs]
-        return None if any(p is None for p in parts) else [e for p in parts for e in p]
-    if node.op_type in ("Squeeze", "Unsqueeze", "Identity", "Cast"):
-        return target_entries(node.inputs[0])
-    return shape_entries(value)
 
 
 def _same(a: Entry, b: int | ir.SymbolicDim) -> bool:
@@ -116,7 +84,7 @@ class InferReshapeShapes(ir.passes.InPlacePass):
             x, target, y = node.inputs[0], node.inputs[1], node.outputs[0]
             if x.shape is None:
                 continue
-            entries = target_entries(target)
+            entries = shape_entries(target)
             if entries is None:
                 if target.shape is None or len(target.shape) != 1 or not isinstance(target.shape[0], int):
                     continue

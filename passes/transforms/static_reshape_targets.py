@@ -26,8 +26,18 @@ def _attr(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.const_value is None:
+        return None
+    return [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
 def shape_entries(value: ir.Value) -> list[Entry] | None:
-    """The 1-D integer tensor `value` as a list of sizes, followed through shape arithmetic; None if unknown."""
+    """The 1-D integer tensor `value` as a list of sizes, followed through shape arithmetic (Shape, Gather,
+    Slice, Concat, Mul of single sizes, and ops that keep the values); None if unknown.
+
+    Exporters build Reshape targets this way (`x.view(x.size(0), -1)`), and so do converters for Flatten:
+    paddle2onnx as `Concat(Slice(Shape(x), 0, 2), [-1])`, old torch exports with a `Mul` of two sizes."""
     if value.const_value is not None:
         array = value.const_value.numpy()
         return [int(v) for v in array.reshape(-1)] if array.ndim <= 1 and array.dtype.kind == "i" else None
@@ -38,9 +48,7 @@ def shape_entries(value: ir.Value) -> list[Entry] | None:
         shape = node.inputs[0].shape
         if shape is None:
             return None
-        rank = len(shape)
-        start, end = _attr(node, "start", 0), _attr(node, "end", rank)
-        return [d if isinstance(d, int) else d for d in list(shape.dims)[slice(start, end)]]
+        return list(shape.dims)[slice(_attr(node, "start", 0), _attr(node, "end", len(shape)))]
     if node.op_type in ("Squeeze", "Unsqueeze", "Identity", "Cast") or (
         node.op_type == "Reshape" and shape_entries(node.inputs[1]) in ([-1], [1])
     ):
@@ -49,10 +57,22 @@ def shape_entries(value: ir.Value) -> list[Entry] | None:
         parts = [shape_entries(v) for v in node.inputs]
         return None if any(p is None for p in parts) else [e for p in parts for e in p]
     if node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
-        data, indices = shape_entries(node.inputs[0]), node.inputs[1].const_value
-        if data is None or indices is None:
+        data, indices = shape_entries(node.inputs[0]), _const_ints(node.inputs[1])
+        return None if data is None or indices is None else [data[i] for i in indices]
+    if node.op_type == "Slice":
+        data = shape_entries(node.inputs[0])
+        starts, ends = _const_ints(node.inputs[1]), _const_ints(node.inputs[2])
+        axes = _const_ints(node.inputs[3]) if len(node.inputs) > 3 else [0]
+        steps = _const_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
+        if data is None or starts is None or ends is None or axes not in ([0], [-1]) or steps != [1]:
             return None
-        return [data[int(i)] for i in indices.numpy().reshape(-1)]
+        return data[slice(starts[0], ends[0])]
+    if node.op_type == "Mul":
+        parts = [shape_entries(v) for v in node.inputs]
+        if any(p is None or len(p) != 1 for p in parts):
+            return None
+        a, b = parts[0][0], parts[1][0]
+        return [a * b if isinstance(a, int) and isinstance(b, int) else None]
     return None
 
 

@@ -146,9 +146,9 @@ def test_paddle_flatten_through_slice_of_shape_gets_its_shape():
     at = nodes.index(flatten)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes[:at] + paddle + nodes[at + 1:])
-    # the shape is known, the target still computed: the last conv's channels stay (in the full preparation,
-    # ResolveSymbolicShapes makes such a target constant)
-    assert _reshape_output_and_prunable_groups(_groups_with_reshape_shapes(proto)) == (["N", 128], [16])
+    # the shape is known, and StaticReshapeTargets reads the target with the same parser: [0, -1], so the last
+    # conv's channels stay prunable
+    assert _reshape_output_and_prunable_groups(_groups_with_reshape_shapes(proto)) == (["N", 128], [16, 8])
     alone = _groups_with_reshape_shapes(proto, resolve=False)  # what onnx's inference alone leaves
     assert next(n for n in alone.model.graph if n.op_type == "Reshape").outputs[0].shape is None
     assert "Gemm" in [b.op for b in alone.get(DependencyGroups).barriers]

@@ -201,11 +201,16 @@ class _LongKernel(nn.Module):
         return self.fc(self.conv(x[:, None, :]).transpose(1, 2))
 
 
-def test_a_model_that_runs_at_no_tried_length_is_left_as_it_is(tmp_path):
+@pytest.fixture
+def long_kernel(tmp_path) -> ir.Model:
     path = tmp_path / "long_kernel.onnx"
     torch.onnx.export(_LongKernel().eval(), (torch.randn(1, 1600),), str(path), dynamo=False, input_names=["x"],
                       dynamic_axes={"x": {0: "batch", 1: "samples"}})
-    model = from_proto(onnx.load(str(path)))
+    return from_proto(onnx.load(str(path)))
+
+
+def test_a_model_that_runs_at_no_tried_length_is_left_as_it_is(long_kernel):
+    model = long_kernel
     before = ir.serde.serialize_model(model).SerializeToString()
     assert not ResolveSymbolicShapes(length=128)(model).modified  # 128 samples and fewer: no output frames
     assert ir.serde.serialize_model(model).SerializeToString() == before
@@ -215,12 +220,9 @@ def test_a_model_that_runs_at_no_tried_length_is_left_as_it_is(tmp_path):
     assert frames.shape[1] == 16 and not isinstance(frames.shape[2], int)
 
 
-def test_macs_at_sizes_a_model_cannot_run_at_are_refused_not_negative(tmp_path):
+def test_macs_at_sizes_a_model_cannot_run_at_are_refused_not_negative(long_kernel):
     """openWakeWord's mel front end at 128 samples: the 512-sample kernel gives a negative number of frames."""
-    path = tmp_path / "long_kernel.onnx"
-    torch.onnx.export(_LongKernel().eval(), (torch.randn(1, 1600),), str(path), dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "batch", 1: "samples"}})
-    model = from_proto(onnx.load(str(path)))
+    model = long_kernel
     with pytest.raises(InvalidRequestError, match=r"Conv node .* negative size at x=1,128.*--input-shape"):
         measure_cost(model, batch=1, length=128)
     frames = (1600 - 512) // 160 + 1

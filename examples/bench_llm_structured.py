@@ -73,6 +73,8 @@ def play(name: str) -> str:
 
 
 def params(model: ir.Model) -> int:
+    """Weights of the model as exported (the pruned files hold one more: the tied embedding's transposed copy
+    for the LM head, which constant folding materialises; the table counts the dense model minus what went)."""
     return sum(v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None)
 
 
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--cases", default="units,blocks", help="units (FLAP vs l2), blocks (ShortGPT vs last), or both")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -109,11 +112,11 @@ def main() -> None:
 
     rows = []
 
-    def record(method: str, sparsity: str, model: ir.Model, seconds: float, note: str = "") -> None:
+    def record(method: str, sparsity: str, model: ir.Model, removed: int, seconds: float, note: str = "") -> None:
         pruned_bytes = ir.serde.serialize_model(model).SerializeToString()
         ppl = perplexity(model, eval_windows)
         latency = paired_latency(dense_session, session(pruned_bytes), feeds, repeats=args.repeats)
-        row = {"method": method, "sparsity": sparsity, "params": params(model), "perplexity": ppl.value,
+        row = {"method": method, "sparsity": sparsity, "params": params(dense) - removed, "perplexity": ppl.value,
                "prefill_ms": latency.pruned_ms, "dense_prefill_ms": latency.dense_ms, "speedup": latency.speedup,
                "seconds": seconds, "note": note}
         rows.append(row)
@@ -125,7 +128,8 @@ def main() -> None:
                  "prefill_ms": None, "dense_prefill_ms": None, "speedup": 1.0, "seconds": 0.0, "note": str(ppl)})
     print(json.dumps(rows[-1]), flush=True)
 
-    for sparsity in SPARSITIES:
+    cases = set(args.cases.split(","))
+    for sparsity in SPARSITIES if "units" in cases else ():
         for method in ("flap", "l2"):
             begin = time.perf_counter()
             if method == "flap":
@@ -135,19 +139,20 @@ def main() -> None:
             result = pipeline.run(ir.serde.deserialize_model(proto))
             allocation = result.get(Allocation)
             heads = [int(k) for k, g in zip(allocation.keep_units, result.get(DependencyGroups).groups) if g.kind == "heads"]
-            record(method, f"{sparsity:.0%}", result.model, time.perf_counter() - begin,
+            removed = int(allocation.cost_before - allocation.cost_after)
+            record(method, f"{sparsity:.0%}", result.model, removed, time.perf_counter() - begin,
                    f"{allocation.achieved:.1%} of prunable params; kv-head groups kept {sum(heads)}/{3 * len(heads)}")
 
     names = [b.name for b in find_residual_blocks(ir.serde.deserialize_model(proto))]
-    for count in (1, 2):
+    for count in (1, 2) if "blocks" in cases else ():
         for method in ("shortgpt", "last"):
             begin = time.perf_counter()
             chooser = PruneBlocks(count=count) if method == "shortgpt" else PruneBlocks(names=tuple(names[-count:]))
             passes = [*preparation_passes(), FindResidualBlocks(calibration if method == "shortgpt" else None), chooser]
             result = Pipeline(passes).run(ir.serde.deserialize_model(proto))
-            removed = result.get(BlockPruneReport).removed
-            record(method, f"{count} layer{'s' * (count > 1)}", result.model, time.perf_counter() - begin,
-                   "removed " + ", ".join(str(names.index(n)) for n in removed))
+            report = result.get(BlockPruneReport)
+            record(method, f"{count} layer{'s' * (count > 1)}", result.model, report.params_removed,
+                   time.perf_counter() - begin, "removed " + ", ".join(str(names.index(n)) for n in report.removed))
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     header = (

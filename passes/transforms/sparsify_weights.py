@@ -222,7 +222,7 @@ class SparsifyWeights(ir.passes.InPlacePass):
     """Transform: zero `sparsity` of the weights of every MatMul/Gemm/Conv in `pattern`, split across layers
     by `allocator` (uniform, global, lamp), chosen by `criterion` (l1, l2; wanda, sparsegpt on
     `calibration`). N:M patterns ignore `sparsity` (they fix it). `exclude_outputs` leaves the layers that
-    write a model output dense (an LLM's head)."""
+    write a model output dense (an LLM's head); `only` restricts the pass to the layers of those weights."""
 
     pattern: str = "unstructured"
     sparsity: float = 0.0
@@ -230,6 +230,7 @@ class SparsifyWeights(ir.passes.InPlacePass):
     criterion: str = "l2"
     calibration: CalibrationData | None = field(default=None, repr=False)
     exclude_outputs: bool = False
+    only: tuple[str, ...] | None = None  # weight names: sparsify these layers alone (None: every layer)
     report: SparsifyReport | None = field(default=None, init=False)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -251,6 +252,8 @@ class SparsifyWeights(ir.passes.InPlacePass):
             outputs = {id(v) for v in model.graph.outputs}
             writers = {node.name for node in model.graph if any(id(v) in outputs for v in node.outputs)}
             skipped.update((layer.node, "writes a model output (kept dense)") for layer in layers if layer.node in writers)
+        if self.only is not None:
+            skipped.update((layer.node, "not selected") for layer in layers if layer.weight.name not in self.only)
         if pattern.kind == "nm":
             skipped.update((layer.node, f"reduction axis {layer.matrix().shape[1]} is not a multiple of M={pattern.m}")
                            for layer in layers if layer.matrix().shape[1] % pattern.m and layer.node not in skipped)

@@ -132,3 +132,12 @@ def test_calibrated_criteria_refuse_what_they_cannot_do(exported, windows):
         SparsifyWeights("block:4x4", 0.5, criterion="wanda", calibration=calibration)(model)
     with pytest.raises(InvalidRequestError, match="taylor"):
         SparsifyWeights("unstructured", 0.5, criterion="taylor")(model)
+
+
+def test_only_the_selected_layers(exported, windows):
+    model = ir.serde.deserialize_model(exported[1])
+    sparsify = SparsifyWeights("nm:2:4", criterion="wanda", only=(Q_PROJ,),
+                               calibration=CalibrationData.from_arrays(model, {"input_ids": windows}))
+    sparsify(model)
+    zeroed = {layer.weight: layer.sparsity for layer in sparsify.report.layers}
+    assert zeroed.pop(Q_PROJ) == 0.5 and set(zeroed.values()) == {0.0}

@@ -31,10 +31,10 @@ from pathlib import Path
 
 # Only light modules at the top: `pcc --help` and argument errors must answer at once, so onnx, torch,
 # tvm and the passes are imported by the commands that use them.
-from pcc.compiler import cli_merge
+from pcc.compiler import cli_lowrank, cli_merge
 from pcc.compiler.errors import InvalidRequestError, PccError
 from pcc.compiler.options import (
-    ALLOCATOR_NAMES, BUDGETS, CRITERIA, DATA_CRITERIA, FINETUNE_PARAMS, HEAD_SHARE, PRUNABLE_KINDS, RECONSTRUCT_MODES,
+    ALLOCATOR_NAMES, BUDGETS, RANK_ALLOCATORS, CRITERIA, DATA_CRITERIA, FINETUNE_PARAMS, HEAD_SHARE, PRUNABLE_KINDS, RECONSTRUCT_MODES,
     REDUCTIONS, SCHEDULES, SPATTEN_CONFIG_NAMES,
     TARGET_NAMES, CompileOptions, check_sparsity,
 )
@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--reduction", default="mean", choices=REDUCTIONS, help="how importance is reduced over a group's layers"
     )
     compile_.add_argument(
-        "--allocator", default="uniform", choices=ALLOCATOR_NAMES,
+        "--allocator", default="uniform", choices=tuple(dict.fromkeys(ALLOCATOR_NAMES + RANK_ALLOCATORS)),
         help="how the budget is split; metanet rewrites the weights with the shipped metanetwork first, then ranks "
-        "its group norms globally",
+        "its group norms globally; energy chooses --factorize ranks by kept spectrum energy",
     )
     compile_.add_argument(
         "--metanet", action="store_true",
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", type=Path, metavar="DIR", help="also write DIR/report.md with plots, and DIR/report.json"
     )
     compile_.add_argument("--verbose", action="store_true", help="per-pass times, groups and library warnings")
+    cli_lowrank.add_compile_arguments(compile_)
 
     finetune = commands.add_parser("finetune", help="recover accuracy of a pruned model by a short fine-tune")
     finetune.add_argument("model", type=Path, help="ONNX model to fine-tune (usually pcc compile's output)")
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("-o", "--output", type=Path, help="output file (default: ./MODEL.finetuned.onnx)")
     finetune.add_argument("--seed", type=int, default=0, help="seed for the data order")
     finetune.add_argument("--verbose", action="store_true", help="library warnings")
+    cli_lowrank.add_finetune_arguments(finetune)
 
     run = commands.add_parser("run", help="run a model compiled with --target tvm")
     run.add_argument("model", type=Path, help="the .so written by pcc compile --target tvm (its .json beside it)")
@@ -303,7 +305,8 @@ def _compile(args: argparse.Namespace) -> int:
             not calibration.synthetic and not args.no_bn_recalibration
             and any(node.op_type == "BatchNormalization" for node in model.graph)
         ),
-        reconstruct=args.reconstruct or ("none" if calibration.synthetic else "ls"),
+        # the default re-fits removed units' consumers; a factorised layer has none removed
+        reconstruct=args.reconstruct or ("none" if calibration.synthetic or args.factorize else "ls"),
         calibration=calibration,
         input_shapes=input_shapes,
         workers=args.workers,
@@ -312,7 +315,8 @@ def _compile(args: argparse.Namespace) -> int:
         latency_batch=args.latency_batch,
         latency_length=args.latency_length,
         latency_repeats=args.repeats,
-        compare_allocators=args.report is not None,
+        compare_allocators=args.report is not None and args.factorize is None,
+        factorize=args.factorize,
         progress=progress,
     )
     result = compile_pipeline(options).run(model, progress=progress)
@@ -429,7 +433,7 @@ def _finetune(args: argparse.Namespace) -> int:
     tune = FineTune(
         data, teacher, epochs=args.epochs, lr=args.lr, seed=args.seed, params=args.params, lora_rank=args.lora_rank,
         schedule=args.schedule, sparsify=args.sparsify, sparsity=args.sparsity, rounds=args.rounds,
-        rewind_step=args.rewind_step, progress=sys.stderr.isatty(),
+        rewind_step=args.rewind_step, nuclear_norm=args.nuclear_norm, progress=sys.stderr.isatty(),
     )
     result = Pipeline([tune]).run(model)
     write_checked(result.model, output, verify=lambda staged: session(staged))

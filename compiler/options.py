@@ -116,7 +116,8 @@ class CompileOptions:
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
-        _choice("--allocator", self.allocator, RANK_ALLOCATORS if self.factorize else ALLOCATOR_NAMES)
+        if self.factorize is None:
+            _choice("--allocator", self.allocator, ALLOCATOR_NAMES)
         _choice("--importance", self.importance, CRITERIA)
         _choice("--reduction", self.reduction, REDUCTIONS)
         _choice("--budget", self.budget, BUDGETS)
@@ -155,6 +156,9 @@ class CompileOptions:
 
     def _check_factorize(self) -> None:
         _choice("--factorize", self.factorize, FACTORIZATIONS)
+        if self.allocator not in RANK_ALLOCATORS:
+            raise InvalidRequestError(f"--allocator {self.allocator} does not choose ranks; with --factorize lowrank "
+                                      f"use {', '.join(RANK_ALLOCATORS)}")
         if self.sparsify is not None or self.prune != ("channels",) or self.metanet:
             raise InvalidRequestError("--factorize lowrank replaces weights by thin products; it does not combine with "
                                       "--sparsify, --prune or --metanet")

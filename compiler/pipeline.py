@@ -17,6 +17,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from tqdm.auto import tqdm
 
+from pcc.compiler.cli_lowrank import factorize_passes
 from pcc.compiler.errors import PccError
 from pcc.compiler.options import GROUP_KINDS, CompileOptions
 from pcc.passes.allocation import ALLOCATORS, AllocateDP
@@ -206,6 +207,7 @@ def compile_pipeline(options: CompileOptions) -> Pipeline:
     if "blocks" in options.prune:
         passes += block_passes(options)
     passes += group_passes(options)
+    passes += factorize_passes(options)
     if options.sparsify is not None:
         passes.append(SparsifyWeights(options.sparsify, options.sparsity, options.allocator))
     passes += repair_passes(options)

@@ -71,6 +71,7 @@ class CompileReport:
     blocks: str | None = None  # the BlockPruneReport summary, with --prune blocks
     tokens: str | None = None  # the TokenPruneReport summary, with --prune tokens
     sparsify: str | None = None  # the SparsifyReport summary, with --sparsify
+    factorize: str | None = None  # the RankAllocation and FactorizeReport summaries, with --factorize
     reconstruct: str | None = None  # the ReconstructionReport summary, with --reconstruct bias|ls
     latency_engine: str = "onnxruntime CPU"  # what ran the timed models (dense always in onnxruntime)
     latency_length: int | None = None  # the size given to other symbolic input axes (sequence length) when timing
@@ -142,6 +143,8 @@ class CompileReport:
             lines.append(f"  tokens     {self.tokens}")
         if self.sparsify:
             lines.append(f"  sparsify   {self.sparsify}")
+        if self.factorize:
+            lines.append(f"  factorize  {self.factorize}")
         if self.reconstruct:
             lines.append(f"  reconstruct {self.reconstruct}")
         if self.predicted_latency_ms_after is not None:

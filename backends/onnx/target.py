@@ -19,10 +19,12 @@ from pcc.compiler.errors import InvalidRequestError
 from pcc.compiler.pipeline import PipelineResult
 from pcc.compiler.report import CompileReport
 from pcc.passes.allocation import Allocation
+from pcc.passes.allocation.ranks import RankAllocation
 from pcc.passes.analysis import CostReport, DependencyGroups
 from pcc.passes.analysis.sensitivity import Sensitivity
 from pcc.passes.transforms import BlockPruneReport, PruneReport, TokenPruneReport
 from pcc.passes.transforms.reconstruct import ReconstructionReport
+from pcc.passes.transforms.factorize_lowrank import FactorizeReport
 from pcc.passes.transforms.sparsify_weights import SparsifyReport
 
 __all__ = ["OnnxTarget", "build_report", "describe_transforms"]
@@ -100,6 +102,9 @@ def describe_transforms(report: CompileReport, result: PipelineResult) -> None:
         found = result.get(result_type)
         setattr(report, name, found.summary() if found is not None else None)
     # the metanetwork's module (and torch-geometric, slow to import) is loaded only by pipelines that run it
+    ranks, factorized = result.get(RankAllocation), result.get(FactorizeReport)
+    if factorized is not None:
+        report.factorize = f"{ranks.summary()}; {factorized.summary()}" if ranks is not None else factorized.summary()
     metanet = sys.modules.get("pcc.metanet.transform")
     found = result.get(metanet.MetanetReport) if metanet is not None else None
     report.metanet = found.summary() if found is not None else None
@@ -111,6 +116,10 @@ def build_report(result, output, model_name, allocator, importance, latency, dif
     pruning = result.get(PruneReport)
     costs = result.get(CostReport).costs
     before, after = costs["before"], costs["after"]
+    # with --factorize the budget is spent on ranks, not on the (untouched) groups
+    spent = result.get(RankAllocation) or allocation
+    factorized = result.get(FactorizeReport)
+    prunable_before = groups.prunable_params if factorized is None else sum(layer.params_before for layer in factorized.layers)
     return CompileReport(
         model=model_name,
         output=str(output),
@@ -118,13 +127,13 @@ def build_report(result, output, model_name, allocator, importance, latency, dif
         allocator=allocator,
         importance=importance,
         round_to=groups.round_to,
-        sparsity_target=allocation.target,
+        sparsity_target=spent.target,
         params_before=before.params,
         params_after=after.params,
-        prunable_params_before=groups.prunable_params,
-        prunable_params_after=groups.prunable_params - (before.params - after.params),
-        budget=allocation.budget,
-        budget_removed=allocation.achieved,
+        prunable_params_before=prunable_before,
+        prunable_params_after=prunable_before - (before.params - after.params),
+        budget=spent.budget,
+        budget_removed=spent.achieved,
         macs_before=before.macs,
         macs_after=after.macs,
         latency_ms_before=latency.dense_ms,
@@ -136,7 +145,7 @@ def build_report(result, output, model_name, allocator, importance, latency, dif
         barriers=[{"node": b.node, "op": b.op} for b in groups.barriers],
         max_abs_output_diff=difference.max_abs,
         max_relative_output_diff=difference.max_relative,
-        reachable_sparsity=allocation.reachable,
+        reachable_sparsity=spent.reachable,
         checks=["onnx.checker (full)", "runs in onnxruntime", "atomic write"],
         pass_seconds={t.name: t.seconds for t in result.timings},
         **_analysis_fields(result, allocation),

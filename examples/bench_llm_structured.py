@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)), help="comma list for the units cases")
     parser.add_argument("--cases", default="units,blocks", help="units (FLAP vs l2), blocks (ShortGPT vs last), or both")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,7 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
 
     cases = set(args.cases.split(","))
-    for sparsity in SPARSITIES if "units" in cases else ():
+    for sparsity in [float(s) for s in args.sparsities.split(",")] if "units" in cases else ():
         for method in ("flap", "l2"):
             begin = time.perf_counter()
             if method == "flap":
@@ -142,6 +143,7 @@ def main() -> None:
             removed = int(allocation.cost_before - allocation.cost_after)
             record(method, f"{sparsity:.0%}", result.model, removed, time.perf_counter() - begin,
                    f"{allocation.achieved:.1%} of prunable params; kv-head groups kept {sum(heads)}/{3 * len(heads)}")
+            del result, pipeline  # one pruned copy of the model at a time
 
     names = [b.name for b in find_residual_blocks(ir.serde.deserialize_model(proto))]
     for count in (1, 2) if "blocks" in cases else ():

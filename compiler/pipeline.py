@@ -283,14 +283,16 @@ def allocation_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
 
 
 def variant_repair(options: CompileOptions) -> Repair:
-    """What every variant a sweep or comparison measures gets before it is measured: the final model's repair.
+    """What every variant a sweep or comparison measures gets before it is measured.
 
-    The final model's reconstruction and BatchNorm re-estimation, so the DP's curves are those of the model
-    it produces. Cheaply: a sweep variant re-fits only the layers its group changed (the group's consumers
-    and producers) on its region, from the repaired base's parameters, on the sweep's repair samples, each
-    least-squares fit on at most `DEFAULT_MAX_ROWS` random positions (`passes.transforms.reconstruct`).
+    BatchNorm re-estimation, as the final model gets. Not yet reconstruction: even the cheap form (a
+    variant re-fits only the layers its group changed, on its region, from the repaired base's parameters:
+    `Repair(reconstruct=...)` from the API) spends over 2.5 CPU-minutes in the first sweep alone on the
+    326k-parameter ResConcat CNN, mostly in the node-by-node torch walks and least-squares fits of ~50
+    variants, against under a minute without it; on the command line, where `ls` is the default with
+    --calib, that would make every calibrated DP compile minutes long.
     """
-    return Repair(recalibrate_bn=options.recalibrate_bn, reconstruct=options.reconstruct)
+    return Repair(recalibrate_bn=options.recalibrate_bn)
 
 
 def repair_passes(options: CompileOptions) -> list[ir.passes.PassBase]:

@@ -12,6 +12,7 @@ speed-up from 1.45x to 2.5x. Without spinning, two copies of one model time with
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,9 +48,29 @@ _NUMPY_TYPES = {
 }
 
 
+def run_pruned_tokens(pruned: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model whose token axis was pruned; a failure is a refusal naming the node, not an internal error.
+
+    Token pruning assumes every layer after the first pruned one continues the pruned stream. A model that
+    joins that stream with a tensor carrying every token (a skip connection around the attention blocks, a
+    fixed-length table added late) breaks the assumption only at run time, where onnxruntime names the node.
+    """
+    try:
+        return pruned.run(None, dict(feeds))
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException types
+        found = re.search(r"Name:'([^']*)'", str(error))
+        node = f"node '{found.group(1)}'" if found else "a node after the pruned layers"
+        raise InvalidRequestError(
+            f"token pruning does not apply to this model: {node} fails in onnxruntime once tokens are removed (it joins "
+            "the pruned token stream with a tensor that keeps every token, e.g. a skip around the attention blocks); "
+            "prune heads or channels instead (--prune heads,channels)"
+        ) from error
+
+
 def session(model: bytes | str | Path, threads: int | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # pruned constants ORT would otherwise warn about are gone anyway
+    # fatal only: pruned constants ORT would warn about are gone anyway, and a failing run raises its error itself
+    options.log_severity_level = 4
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see the module docstring
     if threads:
         options.intra_op_num_threads = threads

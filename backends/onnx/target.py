@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcc.backends.onnx.runtime import compare_outputs, paired_latency, random_inputs, session
+from pcc.backends.onnx.runtime import compare_outputs, paired_latency, random_inputs, run_pruned_tokens, session
 from pcc.backends.onnx.writer import write_checked
 from pcc.compiler.errors import InvalidRequestError
 from pcc.compiler.pipeline import PipelineResult
@@ -77,7 +77,7 @@ class OnnxTarget:
         def run_before_commit(staged: Path) -> None:
             pruned = session(staged)
             checked["session"] = pruned
-            outputs = pruned.run(None, feeds)
+            outputs = run_pruned_tokens(pruned, feeds) if result.get(TokenPruneReport) else pruned.run(None, feeds)
             checked["difference"] = compare_outputs(dense_outputs, outputs)
             checked["reshaped"] = [
                 spec.name for spec, a, b in zip(pruned.get_outputs(), dense_outputs, outputs) if a.shape != b.shape

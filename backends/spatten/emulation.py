@@ -150,7 +150,7 @@ class EmulateProgressiveQuantization(ir.passes.InPlacePass):
 
         requantized = build.op("ReduceSum", [build.op("Cast", [refetch], to=ir.DataType.INT64)], keepdims=1)
         rows = build.op("Size", [refetch])
-        keys_per_row = build.op("Shape", [probabilities], start=-1)
+        keys_per_row = build.dims(probabilities, -1)
         counts = build.op("Concat", [build.op("Reshape", [requantized, build.const([1])]),
                                      build.op("Reshape", [rows, build.const([1])]), keys_per_row], axis=0)
         return build.op("Unsqueeze", [counts, build.const([0])])

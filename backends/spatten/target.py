@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from pcc.backends.onnx.runtime import random_inputs, session
+from pcc.backends.onnx.runtime import random_inputs, run_pruned_tokens, session
 from pcc.backends.onnx.writer import write_checked
 from pcc.backends.spatten.emulation import REQUANT_OUTPUT, EmulateProgressiveQuantization
 from pcc.backends.spatten.hardware import EIGHTH, FULL, SpAttenConfig
@@ -73,7 +73,7 @@ def measure(functional: bytes | str | os.PathLike[str], dense: bytes | str | os.
     agree, correct_dense, correct_functional, labelled = 0, 0, 0, 0
     comparable = None  # decided on the first batch
     for feeds, labels in batches:
-        outputs = emulated.run(None, feeds)
+        outputs = run_pruned_tokens(emulated, feeds)
         batch_counts = outputs[names.index(REQUANT_OUTPUT)].astype(np.int64)
         counts = batch_counts if counts is None else counts + batch_counts
         first_rows += int(batch_counts[0, 1])

@@ -421,6 +421,10 @@ def _assemble(
     groups = _describe_groups(group_of_unit[order], space_units, rec, normalised_units, round_to)
     for group in groups:
         group.kind = "heads" if head_weights.intersection(group.producers) else "channels"
+        if group.kind == "heads":
+            # round_to asks for SIMD-friendly widths; a head keeps its own width whole, so any head count is one
+            # (rounding 16 heads of width 15 to multiples of 8 channels would allow only 8 or 16 heads)
+            group.unit_multiple = 1
         group.enabled = group.kind in kinds
 
     spaces = [

@@ -179,8 +179,8 @@ class PruneKVCache(ir.passes.InPlacePass):
                                type=ir.TensorType(ir.DataType.FLOAT))
         graph.inputs.append(past_scores)
         received = build.op("ReduceSum", [cache.probabilities, build.const([1, 2])], keepdims=0)  # [batch, cached + new]
-        total = build.op("Shape", [received], start=1, end=2)
-        new = build.op("Sub", [total, build.op("Shape", [past_scores], start=1, end=2)])
+        total = build.dims(received, 1, 2)
+        new = build.op("Sub", [total, build.dims(past_scores, 1, 2)])
         padded = build.op("Pad", [past_scores, build.op("Concat", [build.const([0, 0, 0]), new], axis=0)])
         scores = build.op("Add", [padded, received])
         count = build.op("Min", [total, build.const([limit])])

@@ -138,6 +138,12 @@ class GraphBuilder:
         self.graph.append(node)
         return list(node.outputs)
 
+    def dims(self, value: ir.Value, start: int, end: int | None = None) -> ir.Value:
+        """`Shape(value)[start:end]` as a 1-D int64 tensor. Shape's own start/end attributes need opset 15, and
+        converters' files are often older, so the slice is a Slice node."""
+        bounds = [self.const([start]), self.const([end if end is not None else np.iinfo(np.int64).max])]
+        return self.op("Slice", [self.op("Shape", [value]), *bounds])
+
     def const(self, values, dtype=np.int64) -> ir.Value:
         self.count += 1
         array = np.asarray(values, dtype=dtype)
@@ -163,7 +169,7 @@ class GraphBuilder:
         if others:
             index = self.op("Unsqueeze", [index, self.const(others)])
         data_shape = self.op("Shape", [data])
-        target = self.op("ScatterElements", [data_shape, self.const([token_axis]), self.op("Shape", [positions], start=1, end=2)])
+        target = self.op("ScatterElements", [data_shape, self.const([token_axis]), self.dims(positions, 1, 2)])
         index = self.op("Expand", [index, target])
         return self.op("GatherElements", [data, index], axis=token_axis)
 

@@ -69,7 +69,7 @@ class _Relaxer:
     def __init__(self, model: ir.Model, length: int, symbol: ir.SymbolicDim, source: ir.Value, axis: int) -> None:
         self.model, self.length, self.symbol = model, length, symbol
         self.build = GraphBuilder(model.graph, "pcc_relax")
-        self.run_length = self._shape_tensor(self.build.op("Shape", [source], start=axis, end=axis + 1), 1)  # [L]
+        self.run_length = self._shape_tensor(self.build.dims(source, axis, axis + 1), 1)  # [L]
         self.sliced: dict[tuple[ir.Value, tuple[int, ...]], ir.Value] = {}
         self.rewritten: list[str] = []
         self._independent: dict[ir.Value, bool] = {}

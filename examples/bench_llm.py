@@ -120,7 +120,7 @@ CASES: list[Case] = [
       for name, criterion in (("magnitude", "l2"), ("wanda", "wanda"), ("sparsegpt", "sparsegpt"))),
     # peak memory of the calibration walk at 128 windows x 256 tokens: every decoder layer holds the same
     # frontier of activations, so the first two layers show the peak at a fifteenth of the time
-    Case("memory: sparsegpt 50%, layers 0-1, 128x256 calib", functools.partial(sparsify, "unstructured", "sparsegpt", blocks=2),
+    Case("memory: sparsegpt 50% on layers 0-1 at 128x256", functools.partial(sparsify, "unstructured", "sparsegpt", blocks=2),
          {"calib_windows": 128, "calib_length": 256}),
 ]
 

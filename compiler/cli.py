@@ -357,7 +357,7 @@ _TARGET_ONLY = {
 # what --target spatten decides itself: cascade token + head pruning, no allocator, no channel widths
 _NOT_FOR_SPATTEN = {"--prune": "prune", "--sparsify": "sparsify", "--allocator": "allocator", "--metanet": "metanet",
                     "--budget": "budget", "--importance": "importance", "--round-to": "round_to", "--report": "report",
-                    "--input-shape": "input_shapes", "--reconstruct": "reconstruct"}
+                    "--input-shape": "input_shapes", "--reconstruct": "reconstruct", "--factorize": "factorize"}
 
 
 def _check_target_options(args: argparse.Namespace) -> None:

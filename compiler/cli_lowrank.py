@@ -1,4 +1,4 @@
-"""`--factorize lowrank` for `pcc compile` and `--nuclear-norm` for `pcc finetune`: the flags and the passes.
+"""`--factorize lowrank` for `pcc compile` and `--nuclear-norm` for `pcc finetune`: the flags.
 
     pcc compile MODEL --sparsity S --factorize lowrank [--allocator uniform|energy|dp] [--budget params|macs|latency]
                 [--calib FILE]
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 
-from pcc.compiler.options import FACTORIZATIONS, RANK_ALLOCATORS, CompileOptions
+from pcc.compiler.options import FACTORIZATIONS, RANK_ALLOCATORS
 
-__all__ = ["add_compile_arguments", "add_finetune_arguments", "factorize_passes"]
+__all__ = ["add_compile_arguments", "add_finetune_arguments"]
 
 
 def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,24 +38,3 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         help="add LAMBDA x the sum of the nuclear norms of the Conv/Gemm/MatMul weights (TRP's regulariser: lower "
         "rank, so a later --factorize lowrank loses less) to the loss (default: 0, off)",
     )
-
-
-def factorize_passes(options: CompileOptions) -> list:
-    """With `options.factorize`: measure what the allocator needs, choose the ranks, factorise (else nothing).
-
-    Goes after the (empty) group passes and before the repairs: BatchNorm re-estimation then sees the
-    factorised layers' outputs.
-    """
-    if options.factorize is None:
-        return []
-    from pcc.passes.allocation.ranks import AllocateRanks
-    from pcc.passes.analysis.rank_sensitivity import MeasureRankLatency, MeasureRankSensitivity
-    from pcc.passes.transforms.factorize_lowrank import FactorizeLowRank
-
-    passes: list = []
-    if options.budget == "latency":
-        passes.append(MeasureRankLatency(repeats=options.latency_repeats, batch=options.latency_batch))
-    if options.allocator == "dp":
-        passes.append(MeasureRankSensitivity(calibration=options.calibration))
-    allocate = AllocateRanks(options.sparsity, options.budget, options.allocator, calibration=options.calibration)
-    return [*passes, allocate, FactorizeLowRank()]

@@ -17,7 +17,6 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from tqdm.auto import tqdm
 
-from pcc.compiler.cli_lowrank import factorize_passes
 from pcc.compiler.errors import PccError
 from pcc.compiler.options import GROUP_KINDS, CompileOptions
 from pcc.passes.allocation import ALLOCATORS, AllocateDP
@@ -228,6 +227,27 @@ def block_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
     return [FindResidualBlocks(options.calibration), PruneBlocks(sparsity=options.sparsity)]
 
 
+def factorize_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
+    """With `options.factorize`: measure what the allocator needs, choose the ranks, factorise (else nothing).
+
+    Goes after the (empty) group passes and before the repairs: BatchNorm re-estimation then sees the
+    factorised layers' outputs.
+    """
+    if options.factorize is None:
+        return []
+    from pcc.passes.allocation.ranks import AllocateRanks
+    from pcc.passes.analysis.rank_sensitivity import MeasureRankLatency, MeasureRankSensitivity
+    from pcc.passes.transforms.factorize_lowrank import FactorizeLowRank
+
+    passes: list[ir.passes.PassBase] = []
+    if options.budget == "latency":
+        passes.append(MeasureRankLatency(repeats=options.latency_repeats, batch=options.latency_batch))
+    if options.allocator == "dp":
+        passes.append(MeasureRankSensitivity(calibration=options.calibration))
+    allocate = AllocateRanks(options.sparsity, options.budget, options.allocator, calibration=options.calibration)
+    return [*passes, allocate, FactorizeLowRank()]
+
+
 def group_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
     """Dependency groups: find, score, allocate the budget over them, and remove the allocated units.
 
@@ -272,6 +292,7 @@ def allocation_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
             AllocateDP(
                 sparsity=options.sparsity, budget=options.budget, calibration=options.calibration,
                 repair=variant_repair(options), workers=options.workers, ray_address=options.ray_address,
+                guard_repair=Repair(recalibrate_bn=options.recalibrate_bn, reconstruct=options.reconstruct),
             ),
         ]
     if options.allocator == "metanet":
@@ -290,7 +311,8 @@ def variant_repair(options: CompileOptions) -> Repair:
     `Repair(reconstruct=...)` from the API) spends over 2.5 CPU-minutes in the first sweep alone on the
     326k-parameter ResConcat CNN, mostly in the node-by-node torch walks and least-squares fits of ~50
     variants, against under a minute without it; on the command line, where `ls` is the default with
-    --calib, that would make every calibrated DP compile minutes long.
+    --calib, that would make every calibrated DP compile minutes long. The DP's guard, which compares its
+    answer with the simple allocators' on the whole model, does get the final model's reconstruction.
     """
     return Repair(recalibrate_bn=options.recalibrate_bn)
 

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from pcc.compiler.calibration import CalibrationData
-from pcc.compiler.cli_lowrank import factorize_passes
+from pcc.compiler.pipeline import factorize_passes
 from pcc.compiler.errors import InvalidRequestError
 from pcc.compiler.frontend import load_onnx
 from pcc.compiler.options import CompileOptions

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from pcc.compiler.calibration import CalibrationData
 from pcc.passes.allocation.allocation import Allocation, AllocatorPass, RemovalPlanner, rounded_keep
 from pcc.passes.allocation.budget import Cost
-from pcc.passes.analysis.sensitivity import Repair, Sampling, Sensitivity, measure_sensitivity, shared_meter
+from pcc.passes.analysis.sensitivity import Repair, Sampling, Sensitivity, VariantMeter, measure_sensitivity, shared_meter
 from pcc.passes.results import fetch
 
 __all__ = ["AllocateDP", "solve_rate_distortion"]
@@ -121,6 +121,9 @@ class AllocateDP(AllocatorPass):
     ray_address: str | None = None
     repair: Repair | None = None  # overrides recalibrate_bn
     guard: bool = True  # also measure the simple allocators' answers and keep the best
+    # what the guard's whole-model comparisons get: the final model's repair (reconstruction), when the
+    # sweep's variants get a cheaper one; each candidate is one whole-model run, so exactness is affordable
+    guard_repair: Repair | None = None
     sampling: Sampling = Sampling()  # for the refinement sweeps
 
     def requires(self, model: ir.Model) -> None:
@@ -156,6 +159,11 @@ class AllocateDP(AllocatorPass):
         allocation.measured_distortion = best_joint
         allocation.candidates = {"dp": best_joint}
         if self.guard and self.sparsity > 0:
+            if self.guard_repair is not None and self.guard_repair != repair:
+                # not stored on the model: the sweep's meter stays the one later passes share
+                meter = VariantMeter.dense(model, planner.groups, calibration, sensitivity.metric, self.guard_repair)
+                allocation.measured_distortion = meter.joint(allocation.removed).distortion
+                allocation.candidates = {"dp": allocation.measured_distortion}
             allocation = self._guarded(model, planner, cost, allocation, meter)
         return allocation
 

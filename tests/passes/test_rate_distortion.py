@@ -149,3 +149,28 @@ def test_the_guard_keeps_a_simple_allocators_answer_when_the_curves_mislead(zoo_
     assert guarded.kept_from in ("uniform", "global", "lamp") and guarded.method == "AllocateDP"
     assert f"dp: kept {guarded.kept_from}'s allocation" in guarded.summary()
     assert abs(guarded.achieved - 0.5) <= 0.02
+
+
+def test_the_guard_measures_with_the_final_models_repair_when_given_one(zoo_cache):
+    """The sweep's variants may get a cheaper repair than the final model; the guard's four whole-model
+    comparisons get `guard_repair` (least-squares reconstruction here), so the allocation it keeps is the
+    one that measures best as it will be compiled."""
+    from pcc.passes.analysis.sensitivity import Repair, VariantMeter
+
+    model = zoo_cache.model("vgg")
+    calibration = CalibrationData.random(model, samples=16, batch_size=16)
+    result = Pipeline(
+        [*preparation_passes(), BuildDependencyGroups(), ScoreImportance(), MeasureSensitivity(calibration=calibration, workers=1)]
+    ).run(model)
+    AllocateDP(0.5, calibration=calibration, refine_rounds=0)(result.model)
+    plain = result.model.meta[Allocation.META_KEY]
+    AllocateDP(0.5, calibration=calibration, refine_rounds=0, guard_repair=Repair(reconstruct="ls"))(result.model)
+    repaired = result.model.meta[Allocation.META_KEY]
+    assert set(repaired.candidates) == {"dp", "uniform", "global", "lamp"}
+    assert repaired.measured_distortion == pytest.approx(min(repaired.candidates.values()))
+    groups = result.get(DependencyGroups)
+    meter = VariantMeter.dense(result.model, groups, calibration, result.get(Sensitivity).metric, Repair(reconstruct="ls"))
+    assert meter.joint(repaired.removed).distortion == pytest.approx(repaired.measured_distortion, rel=1e-4)
+    # reconstruction repairs every candidate: each measures less than without it
+    for name, value in repaired.candidates.items():
+        assert value < plain.candidates[name], name

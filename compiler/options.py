@@ -137,6 +137,9 @@ class CompileOptions:
             raise InvalidRequestError("BatchNorm recalibration needs real calibration data (--calib)")
         if self.reconstruct != "none" and not real_data:
             raise InvalidRequestError(f"--reconstruct {self.reconstruct} needs real calibration data (--calib)")
+        if self.importance == "flap" and self.allocator in ("lamp", "metanet"):
+            raise InvalidRequestError(f"--importance flap scores are standardised (mean zero per layer); --allocator "
+                                      f"{self.allocator} misreads them: use global (FLAP's ranking), uniform or dp")
         if self.sparsify is not None:
             self._check_sparsify()
         if self.factorize is not None:

@@ -278,6 +278,10 @@ def group_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
             options.sparsity, options.budget, calibration=options.calibration, repair=variant_repair(options),
             workers=options.workers, ray_address=options.ray_address, progress=options.progress,
         ))
+    if options.importance == "flap" and options.sparsity > 0 and options.calibration is not None:
+        from pcc.passes.transforms.compensate_bias import CompensateBias
+
+        passes.append(CompensateBias(options.calibration))  # FLAP: removed features' mean folded into the next bias
     return [*passes, RecordKeptChannels(), PruneChannels()]
 
 
@@ -295,6 +299,11 @@ def allocation_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
                 guard_repair=Repair(recalibrate_bn=options.recalibrate_bn, reconstruct=options.reconstruct),
             ),
         ]
+    if options.importance == "flap" and options.allocator == "global":
+        from pcc.passes.allocation.standardised import AllocateStandardised
+
+        # FLAP's one ranking of standardised scores across layers (AllocateGlobal's per-group mean is ~0 here)
+        return [AllocateStandardised(sparsity=options.sparsity, budget=options.budget)]
     if options.allocator == "metanet":
         from pcc.metanet.transform import AllocateMetanet
 

@@ -32,10 +32,8 @@ import onnx_ir as ir
 from pcc.compiler import Pipeline
 from pcc.compiler.calibration import CalibrationData
 from pcc.compiler.pipeline import channel_pruning_pipeline, preparation_passes
-from pcc.passes.allocation import Allocation, AllocateGlobal
-from pcc.passes.allocation.standardised import AllocateStandardised
+from pcc.passes.allocation import Allocation
 from pcc.passes.analysis import DependencyGroups
-from pcc.passes.analysis.dense_reference import RecordKeptChannels
 from pcc.passes.analysis.residual_blocks import FindResidualBlocks, find_residual_blocks
 from pcc.passes.transforms import PruneBlocks
 from pcc.passes.transforms.compensate_bias import CompensateBias
@@ -50,11 +48,10 @@ CALIBRATION_PLAY, HELD_OUT_PLAY = "macbeth_gut.txt", "hamlet_gut.txt"
 
 def flap_pipeline(sparsity: float, calibration: CalibrationData, compensate: bool = True, **options) -> Pipeline:
     """`--importance flap --allocator global`: FLAP's standardised global ranking, then its bias compensation
-    before the units are removed (what `compile_pipeline` builds once wired; see the helper's report)."""
+    before the units are removed; `compensate=False` leaves the compensation out (to measure what it adds)."""
     pipeline = channel_pruning_pipeline(sparsity, importance="flap", allocator="global", calibration=calibration, **options)
-    pipeline[pipeline.index(AllocateGlobal)] = AllocateStandardised(sparsity=sparsity)
-    if compensate:
-        pipeline.insert(pipeline.index(RecordKeptChannels), CompensateBias(calibration))
+    if not compensate and sparsity > 0:
+        del pipeline[pipeline.index(CompensateBias)]
     return pipeline
 
 

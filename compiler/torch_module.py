@@ -300,6 +300,17 @@ def _gather(inputs, a):
     return picked.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])
 
 
+def _cum_sum(inputs, a):
+    """ONNX CumSum: `exclusive` shifts by one (the first element is 0), `reverse` sums from the end."""
+    x, axis = inputs[0], _axis(int(inputs[1].reshape(-1)[0]), inputs[0].dim())
+    if a.get("reverse", 0):
+        x = x.flip(axis)
+    summed = torch.cumsum(x, dim=axis)
+    if a.get("exclusive", 0):
+        summed = summed - x
+    return summed.flip(axis) if a.get("reverse", 0) else summed
+
+
 def _gather_elements(inputs, a):
     x, idx = inputs[0], inputs[1].long()
     axis = _axis(a.get("axis", 0), x.dim())
@@ -524,6 +535,7 @@ TORCH_OPS: dict[str, OpFn] = {
     "Split": _split,
     "Gather": _gather,
     "GatherElements": _gather_elements,
+    "CumSum": _cum_sum,
     "GatherND": _gather_nd,
     "ScatterElements": _scatter_elements,
     "TopK": _top_k,

@@ -62,3 +62,24 @@ def test_an_op_without_a_torch_rule_is_named():
     graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 20})
     with pytest.raises(UnsupportedModelError, match="NonMaxSuppression.*nms_0"):
         IRModule(ir.Model(graph, ir_version=10))
+
+
+@pytest.mark.parametrize("exclusive", [0, 1])
+@pytest.mark.parametrize("reverse", [0, 1])
+def test_cum_sum_matches_onnxruntime(exclusive, reverse):
+    """CumSum (transformers' Llama exports build position ids with it) in every attribute combination."""
+    import onnx
+    import onnx.helper as helper
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((2, 5), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("CumSum", ["x", "axis"], ["y"], exclusive=exclusive, reverse=reverse)], "cumsum",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 5])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5])],
+        [onnx.numpy_helper.from_array(np.array(-1, np.int64), "axis")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    (got,) = IRModule(ir.serde.deserialize_model(model)).run({"x": torch.from_numpy(x)})
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-6, atol=1e-6)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 # Only light modules at the top: `pcc --help` and argument errors must answer at once, so onnx, torch,
 # tvm and the passes are imported by the commands that use them.
-from pcc.compiler import cli_lowrank, cli_merge
+from pcc.compiler import cli_llm, cli_lowrank, cli_merge
 from pcc.compiler.errors import InvalidRequestError, PccError
 from pcc.compiler.options import (
     ALLOCATOR_NAMES, BUDGETS, RANK_ALLOCATORS, CRITERIA, DATA_CRITERIA, FINETUNE_PARAMS, HEAD_SHARE, PRUNABLE_KINDS, RECONSTRUCT_MODES,
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument("--verbose", action="store_true", help="per-pass times, groups and library warnings")
     cli_lowrank.add_compile_arguments(compile_)
+    cli_llm.add_arguments(compile_)
 
     finetune = commands.add_parser("finetune", help="recover accuracy of a pruned model by a short fine-tune")
     finetune.add_argument("model", type=Path, help="ONNX model to fine-tune (usually pcc compile's output)")
@@ -254,6 +255,11 @@ def _quiet_libraries(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, format="%(name)s: %(message)s")
     if not verbose:
         warnings.filterwarnings("ignore")
+        # transformers (language models) reads these when imported: no weight-loading bars or notices
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for name in ("torch", "transformers", "onnxscript"):  # loggers with their own levels and handlers
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -273,7 +279,6 @@ def _compile(args: argparse.Namespace) -> int:
     from pcc.backends import TARGETS
     from pcc.backends.onnx.runtime import top1_accuracy
     from pcc.compiler.calibration import load_calibration
-    from pcc.compiler.frontend import load_onnx
     from pcc.compiler.pipeline import compile_pipeline
     from pcc.compiler.report import write_report
     from pcc.passes.analysis import DependencyGroups
@@ -284,9 +289,11 @@ def _compile(args: argparse.Namespace) -> int:
     target = TARGETS[args.target](repeats=args.repeats, progress=progress, seed=args.seed, batch=args.latency_batch,
                                  length=args.latency_length, input_shapes=input_shapes, **target_options)
     output = _output_path(args, target)
-    model = load_onnx(args.model)
+    model, tokenizer = cli_llm.load_model(args.model)  # an ONNX file, or a language model (.gguf, HF folder)
+    dense = cli_llm.dense_source(args.model, model, tokenizer)
+    language_model = tokenizer is not None
     target.check(model)
-    calibration = load_calibration(model, args.calib, seed=args.seed)
+    calibration = load_calibration(model, args.calib, seed=args.seed, **cli_llm.calibration_options(args, tokenizer))
     if calibration.synthetic and (args.importance in DATA_CRITERIA or args.allocator == "dp" or args.report):
         print("pcc: warning: no --calib given: data-driven scores run on random inputs and reflect the weights only", file=sys.stderr)
     options = CompileOptions(
@@ -306,22 +313,24 @@ def _compile(args: argparse.Namespace) -> int:
             and any(node.op_type == "BatchNormalization" for node in model.graph)
         ),
         # the default re-fits removed units' consumers; a factorised layer has none removed
-        reconstruct=args.reconstruct or ("none" if calibration.synthetic or args.factorize else "ls"),
+        # (and a language model's would hold every window's logits: its repair is FLAP's bias or SparseGPT's update)
+        reconstruct=args.reconstruct or ("none" if calibration.synthetic or args.factorize or language_model else "ls"),
         calibration=calibration,
         input_shapes=input_shapes,
         workers=args.workers,
         ray_address=args.ray,
-        sensitivity_cache=_sensitivity_cache(args.model),
+        sensitivity_cache=None if language_model else _sensitivity_cache(args.model),
         latency_batch=args.latency_batch,
         latency_length=args.latency_length,
         latency_repeats=args.repeats,
         compare_allocators=args.report is not None and args.factorize is None,
         factorize=args.factorize,
+        language_model=language_model,
         progress=progress,
     )
     result = compile_pipeline(options).run(model, progress=progress)
     report = target.emit(
-        result, args.model, output, model_name=str(args.model), allocator=args.allocator, importance=args.importance
+        result, dense, output, model_name=str(args.model), allocator=args.allocator, importance=args.importance
     )
     report.calibration = f"{calibration.source} ({calibration.num_samples} samples)"
     if options.recalibrate_bn:
@@ -329,6 +338,7 @@ def _compile(args: argparse.Namespace) -> int:
     if calibration.labels is not None:
         report.calib_accuracy_before = top1_accuracy(str(args.model), calibration)
         report.calib_accuracy_after = top1_accuracy(str(output), calibration)
+    cli_llm.finish(args, report, dense, output, tokenizer)
     print(report.format())
     if args.verbose:
         print("  pass times\n" + result.timing_table())

@@ -34,6 +34,12 @@ def load_model(path: Path) -> tuple[Any, Any]:
     from pcc.compiler.llm import is_causal_lm_path, load_causal_lm
 
     if is_causal_lm_path(path):
+        import logging
+
+        import torch  # noqa: F401  (its logging set-up runs at import and would undo the level below)
+
+        if logging.getLogger().level >= logging.ERROR:  # not --verbose: the exporter's notices are not ours
+            logging.getLogger("torch").setLevel(logging.ERROR)
         return load_causal_lm(path)
     return load_onnx(path), None
 

@@ -112,6 +112,7 @@ class CompileOptions:
     latency_repeats: int = 20
     compare_allocators: bool = False
     factorize: str | None = None
+    language_model: bool = False  # a causal LM (its LM head is kept dense by --sparsify)
     progress: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +138,9 @@ class CompileOptions:
             raise InvalidRequestError("BatchNorm recalibration needs real calibration data (--calib)")
         if self.reconstruct != "none" and not real_data:
             raise InvalidRequestError(f"--reconstruct {self.reconstruct} needs real calibration data (--calib)")
+        if self.importance in ("wanda", "sparsegpt") and self.sparsify is None:
+            raise InvalidRequestError(f"--importance {self.importance} chooses weights to zero: use it with "
+                                      "--sparsify unstructured|nm:N:M")
         if self.importance == "flap" and self.allocator in ("lamp", "metanet"):
             raise InvalidRequestError(f"--importance flap scores are standardised (mean zero per layer); --allocator "
                                       f"{self.allocator} misreads them: use global (FLAP's ranking), uniform or dp")
@@ -150,6 +154,7 @@ class CompileOptions:
             raise InvalidRequestError(
                 f"--allocator {self.allocator} does not apply to --sparsify; choose from {', '.join(SPARSIFY_ALLOCATORS)}"
             )
+        _choice("--importance", self.importance, SPARSIFY_CRITERIA)
         if self.prune != ("channels",):
             raise InvalidRequestError("--sparsify zeroes weights instead of removing units; it does not combine with --prune")
         if self.budget != "params":

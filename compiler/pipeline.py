@@ -208,7 +208,10 @@ def compile_pipeline(options: CompileOptions) -> Pipeline:
     passes += group_passes(options)
     passes += factorize_passes(options)
     if options.sparsify is not None:
-        passes.append(SparsifyWeights(options.sparsify, options.sparsity, options.allocator))
+        passes.append(SparsifyWeights(
+            options.sparsify, options.sparsity, options.allocator, criterion=options.importance,
+            calibration=options.calibration, exclude_outputs=options.language_model,
+        ))
     passes += repair_passes(options)
     if "tokens" in options.prune:
         # a fixed-length export gets a symbolic sequence axis first, so later layers can see fewer tokens

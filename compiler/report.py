@@ -72,6 +72,9 @@ class CompileReport:
     tokens: str | None = None  # the TokenPruneReport summary, with --prune tokens
     sparsify: str | None = None  # the SparsifyReport summary, with --sparsify
     factorize: str | None = None  # the RankAllocation and FactorizeReport summaries, with --factorize
+    perplexity_dense: float | None = None  # language models with --eval FILE.txt
+    perplexity_pruned: float | None = None
+    perplexity_text: str | None = None  # what the perplexities were measured on
     reconstruct: str | None = None  # the ReconstructionReport summary, with --reconstruct bias|ls
     latency_engine: str = "onnxruntime CPU"  # what ran the timed models (dense always in onnxruntime)
     latency_length: int | None = None  # the size given to other symbolic input axes (sequence length) when timing
@@ -163,6 +166,8 @@ class CompileReport:
             )
         if self.dp_guard:
             lines.append(f"  guard      {self.dp_guard}")
+        if self.perplexity_dense is not None:
+            lines.append(f"  perplexity {self.perplexity_dense:.2f} -> {self.perplexity_pruned:.2f}  ({self.perplexity_text})")
         if self.calib_accuracy_before is not None:
             lines.append(
                 f"  accuracy   {100 * self.calib_accuracy_before:.2f}% -> {100 * self.calib_accuracy_after:.2f}% "

@@ -7,6 +7,7 @@ spread over the file and perplexity in onnxruntime equals torch's cross-entropy.
 from __future__ import annotations
 
 import argparse
+import json
 import atexit
 import functools
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -205,3 +207,27 @@ def test_decoder_step_with_kv_cache_continues_a_prefill_exactly():
     full = torch_logits(llama, tokens)
     np.testing.assert_allclose(logits, full[:, :8], atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.stack(decoded, axis=1), full[:, 8:], atol=1e-4, rtol=0)
+
+
+def test_pcc_compile_on_a_hugging_face_folder(hf_folder, tmp_path):
+    """The command line end to end: a folder in, text calibration, 2:4 by Wanda, perplexity dense -> pruned in
+    the summary and report.json, the tokenizer beside the output, nothing on stderr."""
+    from tests.compiler.test_cli import pcc
+
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(0, 3000, 7))
+    (tmp_path / "calib.txt").write_text(text)
+    (tmp_path / "eval.txt").write_text(" ".join(reversed(text.split())))
+    out, report = tmp_path / "llm.onnx", tmp_path / "report"
+    done = pcc("compile", hf_folder, "--sparsity", "0.5", "--sparsify", "nm:2:4", "--importance", "wanda",
+               "--calib", tmp_path / "calib.txt", "--calib-windows", "4", "--calib-length", "32",
+               "--eval", tmp_path / "eval.txt", "--eval-windows", "2", "-o", out, "--repeats", "2", "--report", report)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "perplexity" in done.stdout and "nm:2:4 (fixed, wanda)" in done.stdout
+    saved = json.loads((report / "report.json").read_text())
+    assert saved["perplexity_dense"] > 1 and saved["perplexity_pruned"] > 1
+    assert (tmp_path / "tokenizer.json").exists()
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    projection = next(w for name, w in weights.items() if "mlp.up_proj" in name)
+    groups = projection.T.reshape(projection.shape[1], -1, 4)  # N:M runs along each output's inputs
+    assert ((groups != 0).sum(axis=-1) <= 2).all()

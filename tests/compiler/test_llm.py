@@ -33,9 +33,8 @@ from pcc.compiler.errors import InvalidRequestError, ModelLoadError  # noqa: E40
 from pcc.compiler.llm import export_decoder_step, is_causal_lm_path, load_causal_lm, save_tokenizer  # noqa: E402
 from pcc.passes.analysis.attention import find_attention_blocks  # noqa: E402
 from pcc.passes.analysis.perplexity import text_perplexity  # noqa: E402
+from tests.passes.tiny_llama import CONFIG, tiny_llama as shared_tiny_llama  # noqa: E402
 
-TINY = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 VOCAB = 64
 WORDS = ("the king is dead long live the queen and all her court shall sing of love war wine "
          "night day sword crown ghost fair foul").split()
@@ -50,17 +49,8 @@ def tiny_tokenizer():
 
 
 def tiny_llama(vocab: int = VOCAB, seed: int = 0):
-    """A random `LlamaForCausalLM` (eval, eager attention) with random RMSNorm scales (all ones would make
-    the norms test nothing)."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab, **TINY)
-    config._attn_implementation = "eager"
-    llama = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in llama.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    return llama
+    """The shared tiny Llama with this file's vocabulary (its word tokenizer's) and a tied LM head."""
+    return shared_tiny_llama(seed, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=True)
 
 
 def torch_logits(llama, input_ids: np.ndarray) -> np.ndarray:
@@ -197,7 +187,7 @@ def test_decoder_step_with_kv_cache_continues_a_prefill_exactly():
     step = export_decoder_step(llama)
     assert [v.name for v in step.graph.outputs] == ["logits", "present_keys", "present_values"]
     tokens = np.random.default_rng(5).integers(0, VOCAB, (2, 11)).astype(np.int64)
-    empty = np.zeros((TINY["num_hidden_layers"], 2, TINY["num_key_value_heads"], 0, 16), np.float32)
+    empty = np.zeros((CONFIG["num_hidden_layers"], 2, CONFIG["num_key_value_heads"], 0, 16), np.float32)
     logits, keys, values = run_onnx(step, {"input_ids": tokens[:, :8], "past_keys": empty, "past_values": empty})
     assert keys.shape == (2, 2, 2, 8, 16)
     decoded = []

@@ -39,7 +39,7 @@ def cnn(exported) -> ir.Model:
     return ir.serde.deserialize_model(onnx.load_from_string(exported))
 
 
-def _data(model: ir.Model, samples: int = 128) -> CalibrationData:
+def stripe_data(model: ir.Model, samples: int = 128) -> CalibrationData:
     """Noisy stripes or checkerboards labelled by which (a task the CNN can learn)."""
     rng = np.random.default_rng(1)
     rows, cols = np.indices((12, 12))
@@ -49,12 +49,12 @@ def _data(model: ir.Model, samples: int = 128) -> CalibrationData:
     return CalibrationData.from_arrays(model, {model.graph.inputs[0].name: images}, labels=labels, batch_size=16)
 
 
-def _weights(model: ir.Model) -> dict[str, np.ndarray]:
+def sparse_weights(model: ir.Model) -> dict[str, np.ndarray]:
     return {layer.weight.name: layer.weight.const_value.numpy().copy() for layer in sparse_weight_layers(model)}
 
 
 def _tune(model: ir.Model, **options) -> FineTuneReport:
-    return Pipeline([FineTune(_data(model), lr=1e-2, **options)]).run(model).get(FineTuneReport)
+    return Pipeline([FineTune(stripe_data(model), lr=1e-2, **options)]).run(model).get(FineTuneReport)
 
 
 def test_cubic_ramp_and_round_sparsities():
@@ -75,7 +75,7 @@ def test_gmp_follows_the_ramp_and_ends_at_exactly_the_target(cnn):
 
     expected = [0.0, 0.0] + [uniform(cubic_sparsity(3 * (1 + i // 3), 12, 0.8)) for i in range(9)] + [uniform(0.8)] * 5
     assert report.sparsities == pytest.approx(expected, abs=1e-9)
-    for name, weight in _weights(cnn).items():
+    for name, weight in sparse_weights(cnn).items():
         assert int((weight == 0).sum()) == math.floor(0.8 * WEIGHTS[name] + 1e-9), name
     assert report.sparsity == pytest.approx(uniform(0.8))
 
@@ -83,7 +83,7 @@ def test_gmp_follows_the_ramp_and_ends_at_exactly_the_target(cnn):
 def test_gmp_walks_nm_down_to_its_pattern(cnn):
     """nm:2:4 ramps through nm:3:4 to nm:2:4; the first conv (reduction 9) is left dense."""
     report = _tune(cnn, schedule="gmp", sparsify="nm:2:4", epochs=2, prune_every=2)
-    weights = _weights(cnn)
+    weights = sparse_weights(cnn)
     assert (weights["0.weight"] != 0).all()
     for name in ("2.weight", "6.weight"):
         groups = (weights[name].reshape(weights[name].shape[0], -1) != 0).reshape(weights[name].shape[0], -1, 4)
@@ -95,7 +95,7 @@ def test_gmp_walks_nm_down_to_its_pattern(cnn):
 
 @pytest.mark.parametrize("rewind_step", [0, 3])
 def test_imp_rewinds_the_survivors_to_the_stored_values(cnn, monkeypatch, rewind_step):
-    initial = _weights(cnn)
+    initial = sparse_weights(cnn)
     restored = []
     original = WeightRewind.restore
 
@@ -115,7 +115,7 @@ def test_imp_rewinds_the_survivors_to_the_stored_values(cnn, monkeypatch, rewind
             # the stored values are the start (rewind 0) or the weights after 3 steps (rewind 3)
             assert np.array_equal(stored[name], initial[name]) == (rewind_step == 0)
     assert restored[0][0]["2.weight"].tobytes() == restored[1][0]["2.weight"].tobytes()  # one snapshot, used each round
-    final = _weights(cnn)
+    final = sparse_weights(cnn)
     for name, weight in final.items():
         assert int((weight == 0).sum()) == math.floor(0.75 * WEIGHTS[name] + 1e-9)
     assert report.sparsities[8] > 0 and report.sparsities[-1] == pytest.approx(report.sparsity)
@@ -124,7 +124,7 @@ def test_imp_rewinds_the_survivors_to_the_stored_values(cnn, monkeypatch, rewind
 def test_oneshot_prunes_before_training_and_keeps_the_mask(cnn):
     report = _tune(cnn, sparsity=0.5)
     assert report.sparsities == pytest.approx([report.sparsity] * report.steps)
-    for name, weight in _weights(cnn).items():
+    for name, weight in sparse_weights(cnn).items():
         assert int((weight == 0).sum()) == math.floor(0.5 * WEIGHTS[name])
 
 

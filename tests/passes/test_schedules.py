@@ -11,7 +11,6 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from pcc.compiler.calibration import CalibrationData
 from pcc.compiler.errors import InvalidRequestError
 from pcc.compiler.frontend import from_torch
 from pcc.compiler.pipeline import Pipeline
@@ -19,7 +18,7 @@ from pcc.compiler.torch_module import IRModule
 from pcc.passes.transforms import FineTune, FoldConstants
 from pcc.passes.transforms.recalibrate_batchnorm import reestimate_batchnorm_statistics
 from pcc.passes.transforms.schedules import MagnitudeMasks, WeightRewind
-from pcc.passes.transforms.sparsify_weights import sparse_weight_layers
+from tests.passes.test_finetune_schedules import sparse_weights, stripe_data
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +44,6 @@ def cnn(exported) -> ir.Model:
     return ir.serde.deserialize_model(onnx.load_from_string(exported))
 
 
-def _data(model: ir.Model, samples: int = 96) -> CalibrationData:
-    """Noisy stripes labelled by orientation and phase."""
-    rng = np.random.default_rng(1)
-    rows, cols = np.indices((12, 12))
-    templates = np.stack([(rows % 2) * 2 - 1, (cols % 2) * 2 - 1, ((rows + cols) % 2) * 2 - 1, np.zeros((12, 12))])
-    labels = rng.integers(0, 4, samples)
-    images = (templates[labels] + rng.normal(size=(samples, 12, 12)))[:, None].astype(np.float32)
-    return CalibrationData.from_arrays(model, {model.graph.inputs[0].name: images}, labels=labels, batch_size=16)
-
-
-def _weights(model: ir.Model) -> dict[str, np.ndarray]:
-    return {layer.weight.name: layer.weight.const_value.numpy().copy() for layer in sparse_weight_layers(model)}
-
-
 def _statistics(model: ir.Model) -> dict[str, np.ndarray]:
     return {v.name: v.const_value.numpy().copy() for node in model.graph if node.op_type == "BatchNormalization" for v in node.inputs[3:5]}
 
@@ -69,7 +54,7 @@ def test_random_masks_have_magnitudes_pattern_and_amounts(cnn, pattern):
     magnitude = MagnitudeMasks(cnn, pattern).compute(student, 0.5)
     random = MagnitudeMasks(cnn, pattern, score="random", seed=3).compute(student, 0.5)
     again = MagnitudeMasks(cnn, pattern, score="random", seed=3).compute(student, 0.5)
-    assert set(random) == set(magnitude) == set(_weights(cnn))
+    assert set(random) == set(magnitude) == set(sparse_weights(cnn))
     for name, mask in random.items():
         assert int(mask.sum()) == int(magnitude[name].sum()), name  # the same amount per layer
         assert torch.equal(mask, again[name])  # seeded
@@ -94,7 +79,7 @@ def test_random_masks_only_grow(cnn):
 
 def test_shuffled_rewind_is_a_permutation_of_the_stored_values(cnn):
     student = IRModule(cnn)
-    names = set(_weights(cnn))
+    names = set(sparse_weights(cnn))
     rewind = WeightRewind()
     rewind.capture(student, names)
     masks = MagnitudeMasks(cnn).compute(student, 0.5)
@@ -113,22 +98,22 @@ def test_shuffled_rewind_is_a_permutation_of_the_stored_values(cnn):
 def test_imp_reinit_trains_the_tickets_mask_from_other_values(cnn, exported):
     ticket = ir.serde.deserialize_model(onnx.load_from_string(exported))
     options = {"schedule": "imp", "sparsity": 0.75, "rounds": 2, "lr": 1e-2}
-    FineTune(_data(ticket), **options)(ticket)
-    FineTune(_data(cnn), reinit=True, **options)(cnn)
-    winning, control = _weights(ticket), _weights(cnn)
+    FineTune(stripe_data(ticket, samples=96), **options)(ticket)
+    FineTune(stripe_data(cnn, samples=96), reinit=True, **options)(cnn)
+    winning, control = sparse_weights(ticket), sparse_weights(cnn)
     for name in winning:
         np.testing.assert_array_equal(winning[name] == 0, control[name] == 0)  # the same mask
         assert np.mean(np.isclose(winning[name], control[name])[winning[name] != 0]) < 0.1, name  # trained from other values
     with pytest.raises(InvalidRequestError, match="schedule imp"):
-        Pipeline([FineTune(_data(cnn), schedule="gmp", sparsity=0.5, reinit=True)]).run(cnn)
+        Pipeline([FineTune(stripe_data(cnn, samples=96), schedule="gmp", sparsity=0.5, reinit=True)]).run(cnn)
     with pytest.raises(InvalidRequestError, match="magnitude or random"):
-        Pipeline([FineTune(_data(cnn), schedule="gmp", sparsity=0.5, score="taylor")]).run(cnn)
+        Pipeline([FineTune(stripe_data(cnn, samples=96), schedule="gmp", sparsity=0.5, score="taylor")]).run(cnn)
 
 
 def test_gmp_reestimates_batchnorm_after_each_mask_update(cnn, exported):
     """With the ramp ending on the last step, the written statistics are those of the final pruned weights
     on the first `recalibrate_batches` batches; with 0 batches they stay the exported ones."""
-    data = _data(cnn)
+    data = stripe_data(cnn, samples=96)
     FineTune(data, schedule="gmp", sparsity=0.8, ramp=1.0, prune_every=2, recalibrate_batches=3)(cnn)
     written = _statistics(cnn)
     expected = ir.serde.deserialize_model(onnx.load_from_string(ir.serde.serialize_model(cnn).SerializeToString()))
@@ -137,7 +122,7 @@ def test_gmp_reestimates_batchnorm_after_each_mask_update(cnn, exported):
         np.testing.assert_allclose(written[name], value, rtol=1e-5, atol=1e-6)
     frozen = ir.serde.deserialize_model(onnx.load_from_string(exported))
     exported_statistics = _statistics(frozen)
-    FineTune(_data(frozen), schedule="gmp", sparsity=0.8, recalibrate_batches=0)(frozen)
+    FineTune(stripe_data(frozen, samples=96), schedule="gmp", sparsity=0.8, recalibrate_batches=0)(frozen)
     for name, value in _statistics(frozen).items():
         np.testing.assert_array_equal(value, exported_statistics[name])
     assert any(not np.allclose(written[name], exported_statistics[name]) for name in written)

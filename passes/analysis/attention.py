@@ -291,9 +291,9 @@ def _block_from_core(core: AttentionCore) -> AttentionBlock:
         heads = features // head_dim
     elif context_shape is not None and len(context_shape) == 4:
         heads = context_shape[-3]
-    kv_heads = None
+    kv_heads = None  # from K's own projection; a packed QKV projection (one node) has as many K heads as Q heads
     key_weight = projections[1].inputs[1].const_value if projections[1] is not None else None
-    if key_weight is not None and isinstance(head_dim, int) and head_dim:
+    if key_weight is not None and isinstance(head_dim, int) and head_dim and projections[1] is not projections[0]:
         trans_b = projections[1].op_type == "Gemm" and projections[1].attributes.get_int("transB", 0)
         kv_heads = key_weight.shape[0 if trans_b else 1] // head_dim
     residual, norm = _residual_and_norm(output, projections[0])

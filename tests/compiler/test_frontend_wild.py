@@ -230,3 +230,28 @@ def test_paddle_ocr_direction_classifier_from_its_wheel(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     onnx.checker.check_model(str(output), full_check=True)
     assert _params(output) < 0.8 * _params(source)
+
+
+def test_qdq_quantized_model_is_refused_naming_a_quantization_op(tmp_path, capsys):
+    """onnxruntime's static quantizer (QDQ format, as smart-turn-v3 ships) puts Quantize/DequantizeLinear
+    between every pair of ops: the refusal names one and says to prune before quantizing."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    x = torch.randn(1, 3, 8, 8)
+    float_path, quantized_path = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(export_legacy(SmallCNN(), (x,), opset=13), float_path)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input.1": np.random.default_rng(i).standard_normal((1, 3, 8, 8), dtype=np.float32)}
+                                 for i in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(float_path), str(quantized_path), Reader(), quant_format=QuantFormat.QDQ)
+    proto = onnx.load(str(quantized_path))
+    assert any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    code, output, err = compile_cli(tmp_path, proto, capsys)
+    assert code == 2 and not output.exists() and err.count("\n") == 1
+    assert "the model is quantized" in err and "DequantizeLinear '" in err and "prune the float model" in err

@@ -281,7 +281,7 @@ def group_passes(options: CompileOptions) -> list[ir.passes.PassBase]:
     if options.compare_allocators:
         passes.append(CompareAllocators(
             options.sparsity, options.budget, calibration=options.calibration, repair=variant_repair(options),
-            workers=options.workers, ray_address=options.ray_address, progress=options.progress,
+            progress=options.progress,
         ))
     if options.importance == "flap" and options.sparsity > 0 and options.calibration is not None:
         from pcc.passes.transforms.compensate_bias import CompensateBias

@@ -13,13 +13,15 @@ Cases (each run in its own process, so a slow "before" can be stopped at --limit
             params on 64 random calibration inputs (target < 3 min).
 - resnet50: ResNet-50 (random weights, 224x224), DP with `--budget latency` at 0.5 (target < 10 min).
 - accuracy: Fashion-MNIST test top-1 (10k images) of DP, uniform, global and LAMP at 0.3 / 0.5 / 0.7 params.
+- refine:   the DP with 0, 1 and 3 refinement rounds on the bundled CNN (BatchNorm re-estimated) and on
+            ResConcat (`ls`) at 0.3 / 0.5 / 0.7: test top-1, which allocation the guard kept, and time.
 
 `--before REV` also runs each timing case on the package as it was at git revision REV (extracted with
 `git archive` and put first on PYTHONPATH). Per-variant costs and CPU seconds (the case and its worker
 processes) are printed so runs on a busy machine can be compared. Needs `apt-get install dataset-fashion-mnist` and `python examples/fashion_mnist.py --out
 /tmp/fm` for the Fashion-MNIST cases.
 
-    python examples/bench_dp_speed.py [--before bb2947c] [--cases fashion,resconcat,cnn20m,resnet50,accuracy]
+    python examples/bench_dp_speed.py [--before bb2947c] [--cases fashion,resconcat,cnn20m,resnet50,accuracy,refine]
                                       [--limit-s 600]
 """
 
@@ -158,7 +160,44 @@ def case_accuracy() -> dict:
     return table
 
 
-CASES = {"fashion": case_fashion, "resconcat": case_resconcat, "cnn20m": case_cnn20m, "resnet50": case_resnet50, "accuracy": case_accuracy}
+def case_refine() -> dict:
+    import fashion_mnist
+
+    from pcc.backends.onnx.runtime import top1_accuracy
+    from pcc.compiler import channel_pruning_pipeline, load_onnx
+    from pcc.compiler.calibration import CalibrationData, load_calibration
+    from pcc.passes.allocation import Allocation, AllocateDP
+    import onnx_ir as ir
+
+    test_images, test_labels = fashion_mnist.load("test")
+    rows = {}
+    for name in ("fashion", "resconcat"):
+        for sparsity in (0.3, 0.5, 0.7):
+            for rounds in (0, 1, 3):
+                if name == "fashion":
+                    model = load_onnx(MODEL)
+                    calibration, repair = load_calibration(model, "/tmp/fm/fmnist_calib.npz"), {"recalibrate_bn": True}
+                else:
+                    model = load_onnx(HERE / "models" / "fashion_resconcat.onnx")
+                    images, _ = fashion_mnist.calibration_split(512)
+                    calibration = CalibrationData.from_arrays(model, {fashion_mnist.INPUT_NAME: images}, source="train")
+                    repair = {"reconstruct": "ls"}
+                pipeline = channel_pruning_pipeline(sparsity, allocator="dp", calibration=calibration, **repair)
+                pipeline[pipeline.index(AllocateDP)].refine_rounds = rounds
+                start = time.perf_counter()
+                result = pipeline.run(model)
+                seconds = time.perf_counter() - start
+                test = CalibrationData.from_arrays(model, {fashion_mnist.INPUT_NAME: test_images}, test_labels, "test", 1000)
+                allocation = result.get(Allocation)
+                rows[f"{name} {sparsity} rounds={rounds}"] = {
+                    "top1": top1_accuracy(ir.serde.serialize_model(result.model).SerializeToString(), test),
+                    "kept_from": allocation.kept_from or "dp", "candidates": allocation.candidates, "seconds": seconds,
+                }
+                print(json.dumps({f"{name} {sparsity} rounds={rounds}": rows[f"{name} {sparsity} rounds={rounds}"]}), file=sys.stderr)
+    return rows
+
+
+CASES = {"fashion": case_fashion, "resconcat": case_resconcat, "cnn20m": case_cnn20m, "resnet50": case_resnet50, "accuracy": case_accuracy, "refine": case_refine}
 
 
 def _run_case(name: str, pythonpath: str | None, limit: float) -> dict:
@@ -216,7 +255,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         before = str(_archive(args.before, Path(folder))) if args.before else None
         for name in args.cases.split(","):
-            if before and name != "accuracy":
+            if before and name not in ("accuracy", "refine"):
                 _show("before", name, _run_case(name, before, args.limit_s))
             _show("after", name, _run_case(name, None, args.limit_s))
 

@@ -63,8 +63,6 @@ class CompareAllocators(ir.passes.InPlacePass):
     sparsities: tuple[float, ...] = QUALITY_SPARSITIES
     recalibrate_bn: bool = False  # judge (and let the DP check) variants after BatchNorm recalibration
     repair: Repair | None = None  # overrides recalibrate_bn: what every judged variant gets, as the final model
-    workers: int | None = None  # for the DP's refinement sweeps, as for the compile's own DP
-    ray_address: str | None = None
     progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -105,11 +103,8 @@ class CompareAllocators(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=False)
 
     def _allocator(self, name: str, sparsity: float, calibration: CalibrationData, repair: Repair) -> AllocatorPass:
-        if name == "dp":
-            return AllocateDP(
-                sparsity, self.budget, calibration=calibration, repair=repair, workers=self.workers,
-                ray_address=self.ray_address,
-            )
+        if name == "dp":  # on the sweep's curves, guarded (no refinement sweeps: a plot's point must cost little)
+            return AllocateDP(sparsity, self.budget, calibration=calibration, repair=repair, refine_rounds=0)
         return _CLASSES[name](sparsity, self.budget)
 
 

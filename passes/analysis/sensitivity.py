@@ -206,7 +206,7 @@ class Sampling:
     relative_error: float = 0.1
     min_samples: int = 32
     absolute_error: float = 1e-3
-    repair_samples: int = 256
+    repair_samples: int = 128
 
     def settled(self, estimate: _Estimate) -> bool:
         if self.relative_error <= 0 or estimate.samples < self.min_samples:
@@ -718,13 +718,21 @@ def joint_distortion(
     return shared_meter(model, groups, calibration, repair, metric).joint(removed).distortion
 
 
+_IN_PROCESS_CORES = 2  # on machines this small the sweep runs in the calling process unless `workers` says otherwise
+
+
 def _run_jobs(setup, jobs: list, workers: int | None, ray_address: str | None, progress: bool) -> list[tuple[float, int]]:
     if not jobs:
         return []
     if ray_address is not None:
         return _run_on_ray(setup, jobs, ray_address, progress)
     groups_measured = len({group for group, _ in jobs})
-    workers = min(workers or os.cpu_count() or 1, len(jobs), groups_measured)  # a worker per group at most
+    if workers is None:
+        # a spawned worker costs ~5 s before its first job (importing torch and onnxruntime, one after the
+        # other), which on two cores buys nothing over one process whose onnxruntime uses both
+        cores = os.cpu_count() or 1
+        workers = cores if cores > _IN_PROCESS_CORES else 1
+    workers = min(workers, len(jobs), groups_measured)  # a worker per group at most
     if workers <= 1:
         _worker_setup(*setup[:-1], None)  # in this process: onnxruntime's default threads
         try:

@@ -102,9 +102,10 @@ class AllocateDP(AllocatorPass):
     other worse inputs. With `refine_rounds`, after the first answer up to that many rounds re-measure
     every group's curve around the current answer (all other groups at their allocated widths), solve the
     DP again on these conditional curves, and the answer with the lowest measured joint distortion is
-    kept; the rounds stop at the first that does not lower it. They are off by default: on the bundled
-    CNN and the held-out ResConcat CNN at 0.3/0.5/0.7 they never changed the model compiled (the guard
-    below decides where additivity breaks) and cost a sweep each.
+    kept; the rounds stop at the first that does not lower it. Off by default: each costs a sweep, and
+    their curves are measured with `repair`, so where the final model gets more (`guard_repair`:
+    reconstruction) they optimise the wrong thing (on ResConcat with `ls` they made the DP's own
+    candidate worse at 0.3/0.5/0.7). `compile_pipeline` turns them on where the two repairs agree.
 
     With `guard` (the default), the simple allocators' answers at the same budget (uniform, global,
     LAMP: one whole-model run each) are candidates too, and the lowest measured joint distortion wins:

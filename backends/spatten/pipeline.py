@@ -110,8 +110,8 @@ def token_pruning_failure(
     nothing to blame)."""
     from pcc.backends.onnx.runtime import failing_node, random_inputs, session
 
-    dense = session(ir.serde.serialize_model(model).SerializeToString())
-    pruned_model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    dense_proto = ir.serde.serialize_model(model)
+    pruned_model = ir.serde.deserialize_model(dense_proto)
     RelaxSequenceAxis()(pruned_model)
     FindAttentionBlocks()(pruned_model)  # analysis results do not travel with a copy
     PruneTokens(keep=tuple(keep))(pruned_model)
@@ -120,6 +120,7 @@ def token_pruning_failure(
         pruned.run(None, random_inputs(pruned, symbolic=batch, length=length, shapes=input_shapes))
     except Exception as error:  # onnxruntime's own error types
         try:
+            dense = session(dense_proto.SerializeToString())
             dense.run(None, random_inputs(dense, symbolic=batch, length=length, shapes=input_shapes))
         except Exception:  # the dense model fails at these sizes too: the probe says nothing
             return None

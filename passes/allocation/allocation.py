@@ -22,6 +22,7 @@ from pcc.compiler.options import check_sparsity
 from pcc.passes.allocation.budget import BUDGETS, Cost, mac_cost, param_cost
 from pcc.passes.analysis.dependency_groups import DependencyGroup, DependencyGroups
 from pcc.passes.analysis.importance import Importance
+from pcc.passes.analysis.quantization import quantized_model_hint
 from pcc.passes.results import fetch, store
 
 __all__ = [
@@ -161,18 +162,6 @@ def search_monotone(fraction_at: Callable[[float], float], target: float, lo: fl
     return best_x
 
 
-_QUANTIZATION_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
-
-
-def _quantized_hint(groups: DependencyGroups) -> str:
-    """Where quantization ops stop the channels: which, and what the user can do instead."""
-    quantized = [b for b in groups.barriers if b.op in _QUANTIZATION_OPS]
-    if not quantized:
-        return ""
-    return (f"; the model is quantized ({len(quantized)} quantization ops stop the channels, e.g. {quantized[0].op} "
-            f"'{quantized[0].node}'): prune the float model, then quantize the result")
-
-
 @dataclass
 class AllocatorPass(ir.passes.InPlacePass):
     """Base of allocation passes: reads groups and importance, stores an `Allocation`.
@@ -199,7 +188,7 @@ class AllocatorPass(ir.passes.InPlacePass):
             others = sorted({g.kind for g in groups.groups if not g.enabled and g.num_units > g.unit_multiple})
             hint = f" (it has prunable {', '.join(others)}: see --prune)" if others else ""
             what = f"no {'/'.join(selected)} group of this model can lose units" if selected else "the model has no channel groups"
-            raise InvalidRequestError(f"nothing to prune: {what}{hint}{_quantized_hint(groups)}")
+            raise InvalidRequestError(f"nothing to prune: {what}{hint}{quantized_model_hint(model)}")
         cost = budget_cost(model, groups, self.budget)
         store(model, self.allocate(model, RemovalPlanner(groups, importance.scores), cost))
         return ir.passes.PassResult(model, modified=False)

@@ -25,6 +25,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from pcc.compiler.errors import InvalidRequestError
+from pcc.passes.analysis.quantization import quantized_model_hint
 from pcc.passes.results import store
 
 __all__ = [
@@ -388,12 +389,9 @@ class FindAttentionBlocks(ir.passes.InPlacePass):
         if self.required_by and not any(b.weights for b in blocks.blocks):
             fused = sorted({b.fused_op for b in blocks.blocks if b.fused_op})
             found = f"only fused attention ops pcc cannot rewrite ({', '.join(fused)})" if fused else "none"
-            quantized = next((n for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")), None)
-            hint = (f"; the model is quantized ({quantized.op_type} '{quantized.name}' and others sit between its ops): "
-                    "prune the float model, then quantize the result") if quantized is not None else ""
             raise InvalidRequestError(
                 f"{self.required_by} needs multi-head attention, but the model has no MatMul -> Softmax -> MatMul "
-                f"attention core with Q/K/V projections (found: {found}){hint}"
+                f"attention core with Q/K/V projections (found: {found}){quantized_model_hint(model)}"
             )
         store(model, blocks)
         return ir.passes.PassResult(model, False)

@@ -46,13 +46,15 @@ PACKAGES = ("compiler", "passes", "backends", "metanet")
 def _timings(result) -> dict[str, float]:
     from pcc.passes.allocation import AllocateDP
     from pcc.passes.allocation.compare import CompareAllocators
+    from pcc.passes.analysis.latency import MeasureLatency
     from pcc.passes.analysis.sensitivity import MeasureSensitivity, Sensitivity
 
     sensitivity = result.get(Sensitivity)
     variants = int((sensitivity.keep_units != sensitivity.keep_units[:, -1:]).sum()) if sensitivity is not None else 0
     sweep = result.seconds(MeasureSensitivity)
     out = {
-        "sweep_s": sweep, "dp_s": result.seconds(AllocateDP), "compare_s": result.seconds(CompareAllocators),
+        "latency_table_s": result.seconds(MeasureLatency), "sweep_s": sweep, "dp_s": result.seconds(AllocateDP),
+        "compare_s": result.seconds(CompareAllocators),
         "total_s": sum(t.seconds for t in result.timings), "variants": variants,
         "per_variant_ms": 1000 * sweep / variants if variants else 0.0,
     }

@@ -27,9 +27,8 @@ import onnx_ir as ir
 
 from pcc.compiler.calibration import CalibrationData
 from pcc.passes.analysis.latency import Timer, onnxruntime_timer
-from pcc.passes.analysis.sensitivity import (
-    METRICS, Sampling, _Estimate, downstream_region, region_model, resolve_metric,
-)
+from pcc.passes.analysis.regions import downstream_region, region_model
+from pcc.passes.analysis.sensitivity import METRICS, Sampling, _Estimate, resolve_metric
 from pcc.passes.results import store
 from pcc.passes.transforms.factorize_lowrank import LowRankLayer, decompose, factorizable_layers, factorize, low_rank_weight
 from pcc.passes.transforms.sparsify_weights import sparse_weight_layers
@@ -199,7 +198,7 @@ def measure_rank_latency(
         for column, rank in enumerate(grid):
             variant = model.clone()
             factorize(variant, {layer.weight: int(rank)})
-            dense_ms, variant_ms = timer(dense, ir.serde.serialize_model(variant).SerializeToString())
+            dense_ms, variant_ms = timer(dense, ir.serde.serialize_model(variant).SerializeToString(), None)
             dense_times.append(dense_ms)
             values[column] = max(dense_ms - variant_ms, 0.0)
         ranks[layer.weight], saved[layer.weight] = grid, np.maximum.accumulate(values[::-1])[::-1]

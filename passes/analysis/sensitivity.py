@@ -22,7 +22,6 @@ model, calibration data, scores, grid and metric hash to the same key.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import time
@@ -33,19 +32,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 from tqdm.auto import tqdm
 
 from pcc.compiler.calibration import CalibrationData
-from pcc.passes.analysis.dependency_groups import DependencyGroup, DependencyGroups
+from pcc.passes.analysis.dependency_groups import DependencyGroups
 from pcc.passes.analysis.importance import Importance
+from pcc.passes.analysis.regions import Region, downstream_region, group_values, region_groups, region_model
 from pcc.passes.results import fetch, lookup, store
 
 __all__ = [
     "METRICS",
     "DEFAULT_KEEP_FRACTIONS",
     "FULL_SET",
-    "Region",
     "Repair",
     "Sampling",
     "Sensitivity",
@@ -53,11 +51,9 @@ __all__ = [
     "VariantMeasurements",
     "VariantMeter",
     "VariantScore",
-    "downstream_region",
     "joint_distortion",
     "measure_sensitivity",
     "output_distortion",
-    "region_model",
     "shared_meter",
 ]
 
@@ -298,80 +294,6 @@ def resolve_metric(metric: str, reference: list[list[np.ndarray]]) -> str:
     return "kl" if first is not None and first.ndim == 2 and first.shape[1] > 1 and len(reference[0]) == 1 else "mse"
 
 
-# -- regions ----------------------------------------------------------------------------------------
-# Pruning one group changes only the nodes that read or write its tensors and whatever depends on them;
-# everything upstream computes what the base model computes. So a variant runs as a sub-model of just
-# that region, fed the base model's activations entering it.
-
-
-@dataclass(frozen=True)
-class Region:
-    """The part of a graph a group's pruning can change: node positions, the activations entering it
-    (graph inputs included), and the graph outputs it computes."""
-
-    nodes: frozenset[int]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-
-def downstream_region(graph: ir.Graph, values: set[str]) -> Region:
-    """Nodes that read or write any of `values` (a group's tensors), and every node after them that
-    depends on one; graphs with subgraphs (If, Loop) are taken whole, since their bodies read outer values."""
-    nodes = list(graph)
-    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in nodes for attr in n.attributes.values()):
-        return Region(frozenset(range(len(nodes))), tuple(v.name for v in graph.inputs), tuple(v.name for v in graph.outputs))
-    inside: set[int] = set()
-    produced: set[int] = set()  # ids of values computed inside
-    for position, node in enumerate(nodes):
-        reads = [v for v in node.inputs if v is not None]
-        writes = [v for v in node.outputs if v is not None]
-        if any(v.name in values or id(v) in produced for v in reads) or any(v.name in values for v in writes):
-            inside.add(position)
-            produced.update(id(v) for v in writes)
-    position_of = {id(node): position for position, node in enumerate(nodes)}
-    entering: dict[str, None] = {}
-    for position in sorted(inside):
-        for value in nodes[position].inputs:
-            if value is None or id(value) in produced or value.is_initializer():
-                continue
-            producer = value.producer()
-            if producer is not None and producer.op_type == "Constant":
-                inside.add(position_of[id(producer)])  # a constant is cheaper to keep than to feed
-            else:
-                entering[value.name] = None
-    outputs = tuple(v.name for v in graph.outputs if id(v) in produced)
-    return Region(frozenset(inside), tuple(entering), outputs)
-
-
-def region_model(model: ir.Model, region: Region) -> ir.Model:
-    """A copy of `model` holding only the region's nodes, with its entering activations as inputs."""
-    copy = model.clone()
-    graph = copy.graph
-    nodes = list(graph)
-    by_name = {v.name: v for v in graph.inputs} | {v.name: v for n in nodes for v in n.outputs if v is not None}
-    inputs = []
-    for name in region.inputs:
-        old = by_name[name]
-        if not old.is_graph_input():
-            new = ir.Value(shape=old.shape, type=old.type)
-            ir.convenience.replace_all_uses_with(old, new)
-            old.name, new.name = f"{name}__upstream", name
-            old = new
-        inputs.append(old)
-    outputs = [by_name[name] for name in region.outputs]
-    graph.outputs.clear()
-    graph.inputs.clear()
-    graph.remove([node for position, node in enumerate(nodes) if position not in region.nodes], safe=False)
-    graph.inputs.extend(inputs)
-    graph.outputs.extend(outputs)
-    common_passes.RemoveUnusedNodesPass()(copy)
-    return copy
-
-
-def group_values(groups: DependencyGroups, group: DependencyGroup) -> set[str]:
-    return {groups.spaces[space].value for space in group.space_ids}
-
-
 # -- measuring variants -------------------------------------------------------------------------------
 
 
@@ -492,11 +414,7 @@ class VariantMeter:
             feeds = self._entering(region, self._upstream_session)
             dense_feeds = self._entering(region, self._dense_upstream_session) if self.refits_around else None
             model = region_model(self.model, region)
-            names = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
-            names |= {v.name for node in model.graph for v in node.outputs if v is not None}
-            spaces = self.groups.spaces
-            local = {space: units for space, units in self.groups.space_units.items() if spaces[space].value in names}
-            self._current = (group, model, dataclasses.replace(self.groups, space_units=local), feeds, dense_feeds)
+            self._current = (group, model, region_groups(self.groups, model), feeds, dense_feeds)
         return region, *self._current[1:]
 
     def _entering(self, region: Region, upstream_session) -> list[dict[str, np.ndarray]]:

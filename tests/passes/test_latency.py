@@ -22,7 +22,7 @@ def _macs_ms(model_bytes: bytes) -> float:
     return count_macs(ir.serde.deserialize_model(onnx.load_from_string(model_bytes))) / 1e6
 
 
-def _timer(dense: bytes, variant: bytes) -> tuple[float, float]:
+def _timer(dense: bytes, variant: bytes, feeds=None) -> tuple[float, float]:
     return _macs_ms(dense), _macs_ms(variant)
 
 
@@ -62,3 +62,20 @@ def test_between_measured_widths_the_prediction_is_monotone_and_bounded(vgg):
         remaining = cost.remaining(removed)
         assert 0.0 <= remaining <= previous + 1e-9
         previous = remaining
+
+
+def test_a_groups_saving_timed_on_its_local_region_is_its_saving_on_the_whole_model(vgg):
+    """MACs add up over nodes, so a region that holds every node the group changes saves exactly what the
+    whole model saves."""
+    model, groups, table = vgg
+    dense = _macs_ms(ir.serde.serialize_model(model).SerializeToString())
+    planner = RemovalPlanner(groups, np.zeros(groups.num_units))
+    full = np.asarray([g.num_units for g in groups.groups])
+    half = int(np.searchsorted(table.keep_fractions, 0.5))
+    for group in (g for g in groups.groups if g.prunable):
+        keep = full.copy()
+        keep[group.index] = rounded_keep(group, 0.5 * group.num_units)
+        variant = pruned_copy(model, groups, planner.mask(keep))
+        whole_saving = dense - _macs_ms(ir.serde.serialize_model(variant).SerializeToString())
+        assert whole_saving > 0
+        assert table.saved_ms[group.index][half] == pytest.approx(whole_saving, rel=1e-9)

@@ -107,7 +107,7 @@ def test_macs_budget_and_sparsity_zero(cnn):
 def test_latency_budget_uses_the_measured_savings(cnn):
     """A stand-in timer (milliseconds = MACs / 1e6) makes the measured table exact and checkable."""
 
-    def timer(dense: bytes, variant: bytes) -> tuple[float, float]:
+    def timer(dense: bytes, variant: bytes, feeds=None) -> tuple[float, float]:
         import onnx
 
         def ms(data: bytes) -> float:

@@ -35,6 +35,7 @@ from pcc.passes.analysis.shapes import InferMissingShapes
 from pcc.passes.transforms.canonical_attention import CanonicalAttentionLayout
 from pcc.passes.transforms.channel_shuffle import ChannelShuffleToGather
 from pcc.passes.transforms.fold_constants import FoldConstants
+from pcc.passes.transforms.fold_quantization import FoldQuantization, RestoreQuantization
 from pcc.passes.transforms.reconstruct import Reconstruct
 from pcc.passes.transforms.recalibrate_batchnorm import RecalibrateBatchNorm
 from pcc.passes.transforms.static_reshape_targets import StaticReshapeTargets
@@ -162,13 +163,14 @@ class Pipeline:
 def preparation_passes(
     length: int = 128, input_shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> list[ir.passes.PassBase]:
-    """Make the imported graph analysable: real weight tensors, shapes (symbolic axes resolved on copies sized
+    """Make the imported graph analysable: float weights and activations (a QDQ file's lifted), shapes (symbolic axes resolved on copies sized
     `length` or `input_shapes`, the graph itself keeping them), static reshapes, attention heads split in a
     layout the channel rules follow, shuffles as Gathers."""
     from pcc.passes.transforms.remove_no_ops import RemoveNoOps
     from pcc.passes.transforms.unflatten_softmax import UnflattenSoftmax
 
     return [
+        FoldQuantization(),  # a QDQ file is analysed as the float model it stands for (RestoreQuantization puts it back)
         FoldConstants(),
         RemoveNoOps(),  # converters' x + 0 and x * 1 (Paddle's scale op) hide the scaled query from attention
         common_passes.ShapeInferencePass(strict_mode=False),
@@ -218,7 +220,7 @@ def compile_pipeline(options: CompileOptions) -> Pipeline:
     if "tokens" in options.prune:
         # a fixed-length export gets a symbolic sequence axis first, so later layers can see fewer tokens
         passes += [RelaxSequenceAxis(), FindAttentionBlocks(required_by="--prune tokens"), PruneTokens(sparsity=options.sparsity)]
-    passes.append(MeasureCost("after", **sizes))
+    passes += [MeasureCost("after", **sizes), RestoreQuantization()]  # counted as float, as "before" was
     return Pipeline(passes)
 
 

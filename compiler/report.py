@@ -76,6 +76,7 @@ class CompileReport:
     perplexity_pruned: float | None = None
     perplexity_text: str | None = None  # what the perplexities were measured on
     reconstruct: str | None = None  # the ReconstructionReport summary, with --reconstruct bias|ls
+    quantization: str | None = None  # the FoldedQuantization summary, for a QDQ-quantized model
     latency_engine: str = "onnxruntime CPU"  # what ran the timed models (dense always in onnxruntime)
     latency_length: int | None = None  # the size given to other symbolic input axes (sequence length) when timing
     outputs_reshaped: list[str] = field(default_factory=list)  # outputs whose shape pruning changed (token axes)
@@ -138,6 +139,8 @@ class CompileReport:
 
     def _analysis_lines(self) -> list[str]:
         lines = [f"  calib      {self.calibration}"]
+        if self.quantization:
+            lines.append(f"  quant      {self.quantization}")
         if self.metanet:
             lines.append(f"  {self.metanet}")
         if self.blocks:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Protocol, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 
-__all__ = ["AnalysisResult", "store", "fetch", "lookup", "invalidate"]
+__all__ = ["AnalysisResult", "TracksKeptChannels", "store", "fetch", "lookup", "invalidate"]
 
 
 class AnalysisResult(Protocol):
@@ -44,3 +45,20 @@ def lookup(model: ir.Model, result_type: type[R]) -> R | None:
 def invalidate(model: ir.Model, *result_types: type[AnalysisResult]) -> None:
     for result_type in result_types:
         model.meta.pop(result_type.META_KEY, None)
+
+
+class TracksKeptChannels:
+    """A stored result that follows channel pruning: `kept` maps (tensor name, axis) to the dense indices the
+    pruned tensor's elements along that axis are. `RecordKeptChannels` updates every such result on the model."""
+
+    kept: dict[tuple[str, int], np.ndarray]
+
+    def kept_along(self, name: str, axis: int, size: int) -> np.ndarray:
+        """Dense indices of the `size` elements a tensor now has along `axis` (all of them if none went)."""
+        return self.kept.get((name, axis), np.arange(size))
+
+    def record(self, kept: dict[tuple[str, int], np.ndarray]) -> None:
+        """Add one pruning's kept indices (relative to the tensors as they were), composing with earlier ones."""
+        for key, indices in kept.items():
+            earlier = self.kept.get(key)
+            self.kept[key] = indices if earlier is None else earlier[indices]

@@ -22,6 +22,7 @@ from pcc.passes.allocation import Allocation
 from pcc.passes.allocation.ranks import RankAllocation
 from pcc.passes.analysis import CostReport, DependencyGroups
 from pcc.passes.analysis.sensitivity import Sensitivity
+from pcc.passes.analysis.quantization import FoldedQuantization
 from pcc.passes.transforms import BlockPruneReport, PruneReport, TokenPruneReport
 from pcc.passes.transforms.reconstruct import ReconstructionReport
 from pcc.passes.transforms.factorize_lowrank import FactorizeReport
@@ -96,9 +97,9 @@ class OnnxTarget:
 
 def describe_transforms(report: CompileReport, result: PipelineResult) -> None:
     """The summaries of the transforms beyond channel pruning that ran (metanetwork, blocks, tokens, sparse weights,
-    reconstruction)."""
+    reconstruction, a QDQ model's quantization lifted and put back)."""
     for name, result_type in (("blocks", BlockPruneReport), ("tokens", TokenPruneReport), ("sparsify", SparsifyReport),
-                              ("reconstruct", ReconstructionReport)):
+                              ("reconstruct", ReconstructionReport), ("quantization", FoldedQuantization)):
         found = result.get(result_type)
         setattr(report, name, found.summary() if found is not None else None)
     # the metanetwork's module (and torch-geometric, slow to import) is loaded only by pipelines that run it

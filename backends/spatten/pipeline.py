@@ -105,16 +105,20 @@ def heads_only_split(layers: int, sparsity: float, tokens_refused: str) -> Atten
 def token_pruning_failure(
     model: ir.Model, keep: list[float], batch: int, length: int, input_shapes: Mapping[str, tuple[int, ...]]
 ) -> str | None:
-    """Why a copy of `model` with tokens pruned by `keep` does not run on random inputs (batch x length, or
-    `input_shapes`), or None where it runs (or where the dense model does not run at those sizes either:
-    nothing to blame)."""
+    """Why tokens cannot be pruned by `keep`: PruneTokens refuses a copy of `model` (its sequence length is
+    computed, e.g. by a strided convolution over audio frames, not an input axis), or the pruned copy does not
+    run on random inputs (batch x length, or `input_shapes`). None where it runs (or where the dense model
+    does not run at those sizes either: nothing to blame)."""
     from pcc.backends.onnx.runtime import failing_node, random_inputs, session
 
     dense_proto = ir.serde.serialize_model(model)
     pruned_model = ir.serde.deserialize_model(dense_proto)
-    RelaxSequenceAxis()(pruned_model)
-    FindAttentionBlocks()(pruned_model)  # analysis results do not travel with a copy
-    PruneTokens(keep=tuple(keep))(pruned_model)
+    try:
+        RelaxSequenceAxis()(pruned_model)
+        FindAttentionBlocks()(pruned_model)  # analysis results do not travel with a copy
+        PruneTokens(keep=tuple(keep))(pruned_model)
+    except InvalidRequestError as refusal:
+        return str(refusal).split(": run ")[0]  # the advice to the API user does not apply here
     pruned = session(ir.serde.serialize_model(pruned_model).SerializeToString())
     try:
         pruned.run(None, random_inputs(pruned, symbolic=batch, length=length, shapes=input_shapes))
@@ -170,7 +174,8 @@ def spatten_pipeline(
 ) -> Pipeline:
     """Preparation, attention blocks (a model without any is a one-line error naming --target spatten) and
     cascade token + head pruning at `sparsity` of the token x head attention work (token pruning tried first
-    on random inputs of `batch` x `length`, or `input_shapes` where given)."""
+    on random inputs of `batch` x `length`, or `input_shapes` where given). A QDQ-quantized file stays lifted to
+    float (`FoldQuantization`): SpAtten quantizes the attention itself, and the emulation models that."""
     shapes = dict(input_shapes or {})
     return Pipeline([
         *preparation_passes(length, shapes),

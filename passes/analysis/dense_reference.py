@@ -19,31 +19,20 @@ import onnx_ir as ir
 
 from pcc.passes.allocation.allocation import Allocation
 from pcc.passes.analysis.dependency_groups import DependencyGroups
-from pcc.passes.results import fetch, lookup, store
+from pcc.passes.results import TracksKeptChannels, fetch, store
 
 __all__ = ["DenseReference", "KeepDenseReference", "RecordKeptChannels"]
 
 
 @dataclass
-class DenseReference:
+class DenseReference(TracksKeptChannels):
     """The model before the transforms that followed `KeepDenseReference`, and the channels they kept."""
 
     META_KEY = "pcc.dense_reference"
     PRODUCED_BY = "KeepDenseReference"
 
     model: ir.Model = field(repr=False)
-    # (tensor name, axis) -> the dense indices that the pruned tensor's elements along that axis are
     kept: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
-
-    def kept_along(self, name: str, axis: int, size: int) -> np.ndarray:
-        """Dense indices of the `size` elements a tensor now has along `axis` (all of them if none went)."""
-        return self.kept.get((name, axis), np.arange(size))
-
-    def record(self, kept: dict[tuple[str, int], np.ndarray]) -> None:
-        """Add one pruning's kept indices (relative to the tensors as they were), composing with earlier ones."""
-        for key, indices in kept.items():
-            earlier = self.kept.get(key)
-            self.kept[key] = indices if earlier is None else earlier[indices]
 
     def summary(self) -> str:
         nodes = sum(1 for _ in self.model.graph)
@@ -61,15 +50,17 @@ class KeepDenseReference(ir.passes.InPlacePass):
 
 @dataclass
 class RecordKeptChannels(ir.passes.InPlacePass):
-    """Analysis: note in the kept `DenseReference` which channels the pending `Allocation` keeps.
+    """Analysis: note in every stored result that tracks kept channels (the kept `DenseReference`, folded
+    quantization) which channels the pending `Allocation` keeps.
 
     Run right before `PruneChannels` (which drops the groups and the allocation it used). Nothing to do
-    when no reference is kept.
+    when no such result is stored.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        reference = lookup(model, DenseReference)
-        if reference is not None:
-            groups = fetch(model, DependencyGroups)
-            reference.record(groups.kept_indices(fetch(model, Allocation).removed))
+        trackers = [result for result in model.meta.values() if isinstance(result, TracksKeptChannels)]
+        if trackers:
+            kept = fetch(model, DependencyGroups).kept_indices(fetch(model, Allocation).removed)
+            for tracker in trackers:
+                tracker.record(kept)
         return ir.passes.PassResult(model, modified=False)

@@ -18,6 +18,8 @@ inference cannot see through (the channel analysis needs every shape it links).
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,7 +214,9 @@ class InferContribShapes(ir.passes.InPlacePass):
             del proto.graph.value_info[:]
             proto.graph.value_info.extend(static)
         try:
-            inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+            # where it gives up, it saves its partial model to the working directory: keep that out of the user's
+            with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+                inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
         except Exception:  # an op it has no handler for: keep the shapes we have
             return ir.passes.PassResult(model, False)
         infos = {info.name: info for info in inferred.graph.value_info}

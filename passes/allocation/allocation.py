@@ -57,6 +57,7 @@ class Allocation:
     # the DP's guard: measured joint distortion of each candidate ("dp", "uniform", ...), and the one kept
     candidates: dict[str, float] = field(default_factory=dict)
     kept_from: str | None = None  # None: the allocator's own answer
+    refinement: str | None = None  # the DP's refinement rounds, where they were asked for and skipped
 
     @property
     def achieved(self) -> float:
@@ -75,8 +76,8 @@ class Allocation:
                 f"\nadditivity check: sum of single-group distortions {self.predicted_distortion:.4g}, "
                 f"measured with all groups pruned {own:.4g}"
             )
-        guard = self.guard_line()
-        return line if guard is None else f"{line}\n{guard}"
+        extra = [text for text in (self.guard_line(), self.refinement) if text]
+        return "\n".join([line, *extra])
 
     def guard_line(self) -> str | None:
         """What the DP's guard decided, when it measured the simple allocators too (else None)."""

@@ -105,7 +105,9 @@ class AllocateDP(AllocatorPass):
     kept; the rounds stop at the first that does not lower it. Off by default: each costs a sweep, and
     their curves are measured with `repair`, so where the final model gets more (`guard_repair`:
     reconstruction) they optimise the wrong thing (on ResConcat with `ls` they made the DP's own
-    candidate worse at 0.3/0.5/0.7). `compile_pipeline` turns them on where the two repairs agree.
+    candidate worse at 0.3/0.5/0.7). `compile_pipeline` turns them on where the two repairs agree. A round
+    re-measures as many variants as the sweep did, so above `refine_variant_limit` of them the rounds are
+    skipped (ResNet-50's 296 variants take about 9 minutes a round on 2 cores) and the result says so.
 
     With `guard` (the default), the simple allocators' answers at the same budget (uniform, global,
     LAMP: one whole-model run each) are candidates too, and the lowest measured joint distortion wins:
@@ -119,6 +121,7 @@ class AllocateDP(AllocatorPass):
     calibration: CalibrationData | None = field(default=None, repr=False)
     recalibrate_bn: bool = False  # as the sensitivity was measured
     refine_rounds: int = 0
+    refine_variant_limit: int = 128
     workers: int | None = None  # for the conditional sweeps of the refinement rounds
     ray_address: str | None = None
     repair: Repair | None = None  # overrides recalibrate_bn
@@ -143,7 +146,9 @@ class AllocateDP(AllocatorPass):
 
         keep, reachable = self._solve(planner, cost, sensitivity)
         best, best_joint = keep, joint(keep)
-        for _ in range(self.refine_rounds if self.sparsity > 0 else 0):
+        rounds = self.refine_rounds if self.sparsity > 0 else 0
+        skipped = rounds > 0 and sensitivity.variants > self.refine_variant_limit
+        for _ in range(0 if skipped else rounds):
             conditional = measure_sensitivity(
                 model, planner.groups, planner.scores, calibration, tuple(sensitivity.keep_fractions[:-1]),
                 sensitivity.metric, self.workers, self.ray_address, repair=repair, around=keep, sampling=self.sampling,
@@ -160,6 +165,8 @@ class AllocateDP(AllocatorPass):
         allocation.predicted_distortion = sensitivity.summed_distortion(allocation.keep_units)
         allocation.measured_distortion = best_joint
         allocation.candidates = {"dp": best_joint}
+        if skipped:
+            allocation.refinement = f"refinement skipped: a round would re-measure {sensitivity.variants} variants (limit {self.refine_variant_limit})"
         if self.guard and self.sparsity > 0:
             if self.guard_repair is not None and self.guard_repair != repair:
                 # not stored on the model: the sweep's meter stays the one later passes share

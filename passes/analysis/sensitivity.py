@@ -81,6 +81,11 @@ class Sensitivity:
     def row(self, group: int) -> int:
         return self.groups.index(group)
 
+    @property
+    def variants(self) -> int:
+        """Grid points narrower than their group's full width: the pruned models a sweep runs."""
+        return int((self.keep_units != self.keep_units[:, -1:]).sum()) if self.keep_units.size else 0
+
     def summed_distortion(self, keep_units: np.ndarray) -> float:
         """Sum over measured groups of the (interpolated) distortion at these widths: the DP's objective."""
         return float(

@@ -62,14 +62,14 @@ def test_dp_rejects_negative_savings():
         solve_rate_distortion(np.zeros((1, 2)), np.array([[0, -1]]), 1)
 
 
-def _dp(model, sparsity, budget="params", refine_rounds=1):
+def _dp(model, sparsity, budget="params", refine_rounds=1, **dp_options):
     calibration = CalibrationData.random(model, samples=16, batch_size=16)
     passes = [
         *preparation_passes(),
         BuildDependencyGroups(),
         ScoreImportance(),
         MeasureSensitivity(calibration=calibration, workers=1),
-        AllocateDP(sparsity=sparsity, budget=budget, calibration=calibration, refine_rounds=refine_rounds, workers=1),
+        AllocateDP(sparsity=sparsity, budget=budget, calibration=calibration, refine_rounds=refine_rounds, workers=1, **dp_options),
     ]
     result = Pipeline(passes).run(model)
     return result.get(DependencyGroups), result.get(Allocation)
@@ -121,6 +121,19 @@ def test_refinement_is_never_worse_than_the_additive_answer_by_measurement(zoo_c
     assert refined.measured_distortion <= additive.measured_distortion + 1e-12
     assert refined.predicted_distortion is not None
     assert abs(refined.achieved - 0.6) <= 0.02
+
+
+def test_refinement_is_skipped_and_said_where_a_round_would_remeasure_too_many_variants(zoo_cache, monkeypatch):
+    """A round costs a whole sweep: above the variant limit the DP answers from the first sweep alone."""
+    import pcc.passes.allocation.rate_distortion as rate_distortion
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a refinement sweep ran")
+
+    monkeypatch.setattr(rate_distortion, "measure_sensitivity", no_sweep)
+    _, allocation = _dp(zoo_cache.model("vgg"), 0.6, refine_rounds=2, refine_variant_limit=1)
+    assert allocation.refinement is not None and "refinement skipped" in allocation.refinement
+    assert "refinement skipped" in allocation.summary()
 
 
 def test_the_guard_keeps_a_simple_allocators_answer_when_the_curves_mislead(zoo_cache):

@@ -170,7 +170,9 @@ class AllocateDP(AllocatorPass):
         if self.guard and self.sparsity > 0:
             if self.guard_repair is not None and self.guard_repair != repair:
                 # not stored on the model: the sweep's meter stays the one later passes share
-                meter = VariantMeter.dense(model, planner.groups, calibration, sensitivity.metric, self.guard_repair)
+                meter = VariantMeter.dense(
+                    model, planner.groups, calibration, sensitivity.metric, self.guard_repair, sampling=self.sampling
+                )
                 allocation.measured_distortion = meter.joint(allocation.removed).distortion
                 allocation.candidates = {"dp": allocation.measured_distortion}
             allocation = self._guarded(model, planner, cost, allocation, meter)

@@ -199,9 +199,11 @@ class Sampling:
     that of a ratio of sample means (KL: per-sample KL over 1; squared error: per-sample error over
     per-sample reference energy). `relative_error=0` measures every variant on the whole set.
 
-    A sweep variant's repair (BatchNorm statistics, reconstruction) is fitted on the first
-    `repair_samples` samples: statistics of a few hundred samples are what the final model's repair
-    finds on more, and refitting on every sample for each of hundreds of variants dominated the sweep.
+    A variant's repair (BatchNorm statistics, reconstruction), in the sweep and in whole-model
+    measurements alike (the DP's guard, the report's comparison), is fitted on the first `repair_samples`
+    samples: statistics of a few hundred samples are what the final model's repair finds on more, and
+    refitting on every sample for each of hundreds of variants dominated the sweep (and `ls` on all 512
+    ResConcat samples for each of the guard's four candidates, the DP's time).
     """
 
     relative_error: float = 0.1
@@ -373,7 +375,8 @@ class VariantMeter:
 
         variant = pruned_copy(self.model, self.groups, removed)
         if self.repair:
-            self.repair.apply(variant, self.model, self.batches, self.groups.kept_indices(removed))
+            batches = self.sampling.repair_batches(self.batches)
+            self.repair.apply(variant, self.model, batches, self.groups.kept_indices(removed))
         sess = session(ir.serde.serialize_model(variant).SerializeToString(), threads=self.threads)
         return [sess.run(None, feeds) for feeds in self.batches]
 

@@ -22,7 +22,9 @@ Conv/Gemm input, or the Add after a MatMul). The modes:
   bias compensation (b += W[:, removed] · E[x_removed]) when the kept inputs are unchanged, and it also
   absorbs the mean shift that earlier pruning left in the kept inputs.
 
-A fit that does not lower the layer's error on the calibration data is not applied. The graph is walked
+A fit that does not lower the layer's error on the calibration data is not applied, and where the fits
+together make the model's output further from the dense one's on the calibration data (EfficientNet-Lite0
+at 30% under the DP's widths: 38.3% top-1 agreement without, 23.1% with), they are all undone. The graph is walked
 once, node by node over every calibration batch at once, each value freed after its last use; the dense
 reference walks in lockstep up to the node being fitted. Where a BatchNorm follows a re-fitted Conv, the
 target is the dense Conv's output, so the BatchNorm's statistics stay right.
@@ -86,6 +88,9 @@ class ReconstructionReport:
     seconds: float
     samples: int
     layers: list[LayerFit] = field(default_factory=list)
+    # the model's first output against the dense model's, on the calibration data, before and after the fits
+    output_distortion: tuple[float, float] | None = None
+    reverted: bool = False  # the fits made that output worse, so the model was left as pruned
 
     def summary(self) -> str:
         if not self.layers:
@@ -93,8 +98,13 @@ class ReconstructionReport:
         before = float(np.mean([f.error_before for f in self.layers]))
         after = float(np.mean([f.error_after for f in self.layers]))
         applied = sum(f.applied for f in self.layers)
-        return (f"{self.mode}: {applied}/{len(self.layers)} layers re-fitted on {self.samples} samples in "
+        text = (f"{self.mode}: {applied}/{len(self.layers)} layers re-fitted on {self.samples} samples in "
                 f"{self.seconds:.1f} s; error vs dense, mean over layers {before:.3g} -> {after:.3g}")
+        if self.output_distortion is not None:
+            text += f"; output distortion {self.output_distortion[0]:.4g} -> {self.output_distortion[1]:.4g}"
+        if self.reverted:
+            text += ": worse, so the fits were undone (the model stays as pruned)"
+        return text
 
     def table(self) -> str:
         head = f"  {'layer':<40} {'op':<7} {'method':<9} {'error before':>10}    {'after':<10} {'rows':>9}"
@@ -571,8 +581,31 @@ class Reconstruct(ir.passes.InPlacePass):
         fetch(model, DenseReference)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        report = reconstruct(
-            model, fetch(model, DenseReference), list(self.calibration), self.mode, self.ridge, max_rows=self.max_rows
-        )
+        reference = fetch(model, DenseReference)
+        batches = list(self.calibration)
+        unfitted = model.clone()  # tensors are shared, not copied: transforms replace them
+        report = reconstruct(model, reference, batches, self.mode, self.ridge, max_rows=self.max_rows)
+        if any(f.applied for f in report.layers):
+            report.output_distortion = _output_distortions(reference.model, unfitted, model, batches)
+            if report.output_distortion[1] > report.output_distortion[0]:
+                model.graph = unfitted.graph  # every fit helped its own layer, and together they hurt the output
+                report.reverted = True
         store(model, report)
-        return ir.passes.PassResult(model, modified=any(f.applied for f in report.layers))
+        return ir.passes.PassResult(model, modified=any(f.applied for f in report.layers) and not report.reverted)
+
+
+def _output_distortions(dense: ir.Model, before: ir.Model, after: ir.Model, batches: list) -> tuple[float, float]:
+    """The first output's distortion against the dense model's (KL for logits, else relative squared error),
+    on the calibration batches, before and after the fits (later outputs, a pruned KV cache, differ in shape)."""
+    from pcc.backends.onnx.runtime import session
+    from pcc.passes.analysis.sensitivity import output_distortion, resolve_metric
+
+    def first_outputs(model: ir.Model) -> list[list[np.ndarray]]:
+        sess = session(ir.serde.serialize_model(model).SerializeToString())
+        name = sess.get_outputs()[0].name
+        return [sess.run([name], feeds) for feeds in batches]
+
+    reference = first_outputs(dense)
+    metric = resolve_metric("auto", reference)
+    return (output_distortion(reference, first_outputs(before), metric),
+            output_distortion(reference, first_outputs(after), metric))

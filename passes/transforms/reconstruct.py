@@ -23,8 +23,10 @@ Conv/Gemm input, or the Add after a MatMul). The modes:
   absorbs the mean shift that earlier pruning left in the kept inputs.
 
 A fit that does not lower the layer's error on the calibration data is not applied, and where the fits
-together make the model's output further from the dense one's on the calibration data (EfficientNet-Lite0
-at 30% under the DP's widths: 38.3% top-1 agreement without, 23.1% with), they are all undone. The graph is walked
+together make the model's output further from the dense one's on the calibration data, they are all
+undone. Both checks use the data the fits were made on, so neither catches over-fitting: on
+EfficientNet-Lite0 at 30% (DP widths) the calibration output KL falls from 1.94 to 0.0063 while top-1
+agreement on held-out crops drops from 38.3% to 23.1%. The graph is walked
 once, node by node over every calibration batch at once, each value freed after its last use; the dense
 reference walks in lockstep up to the node being fitted. Where a BatchNorm follows a re-fitted Conv, the
 target is the dense Conv's output, so the BatchNorm's statistics stay right.

@@ -7,7 +7,8 @@ replace tensors rather than edit them, so the clone keeps the dense values for f
 
 Channel pruning keeps node and weight names but shrinks tensors, so a pruned layer's output channel k is
 dense channel `kept[k]`. `RecordKeptChannels`, run just before `PruneChannels`, notes those indices from the
-pending allocation; without a kept reference it does nothing, so it can sit in every pipeline.
+pending allocation, in every stored result that tracks them (this reference, a QDQ model's folded quantization);
+with none stored it does nothing, so it can sit in every pipeline.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def _analysis_fields(result, allocation: Allocation) -> dict[str, object]:
         fields.update(
             distortion_predicted=allocation.predicted_distortion,
             distortion_measured=allocation.candidates.get("dp", allocation.measured_distortion),
-            dp_guard="; ".join(text for text in (allocation.guard_line(), allocation.refinement) if text) or None,
+            dp_guard="; ".join(allocation.dp_notes()) or None,
             distortion_metric=sensitivity.metric if sensitivity is not None else None,
         )
     return fields

@@ -76,8 +76,11 @@ class Allocation:
                 f"\nadditivity check: sum of single-group distortions {self.predicted_distortion:.4g}, "
                 f"measured with all groups pruned {own:.4g}"
             )
-        extra = [text for text in (self.guard_line(), self.refinement) if text]
-        return "\n".join([line, *extra])
+        return "\n".join([line, *self.dp_notes()])
+
+    def dp_notes(self) -> list[str]:
+        """What the DP decided beyond its answer: its guard's verdict, skipped refinement (each if any)."""
+        return [text for text in (self.guard_line(), self.refinement) if text]
 
     def guard_line(self) -> str | None:
         """What the DP's guard decided, when it measured the simple allocators too (else None)."""

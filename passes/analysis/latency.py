@@ -30,7 +30,9 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from pcc.passes.analysis.dependency_groups import DependencyGroups
-from pcc.passes.analysis.regions import Region, group_values, local_region, region_groups, region_model
+from pcc.passes.analysis.regions import (
+    Region, group_values, local_region, region_groups, region_model, session_with_region_inputs,
+)
 from pcc.passes.results import fetch, store
 
 __all__ = ["LatencyTable", "LatencyCost", "MeasureLatency", "entering_activations", "measure_latency_table", "onnxruntime_timer"]
@@ -113,15 +115,11 @@ def onnxruntime_timer(repeats: int = 20, batch: int = 1, seed: int = 0) -> Timer
 
 def entering_activations(model: ir.Model, regions: list[Region], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """The dense model's activations entering each region, for one random input (symbolic axes at `batch`)."""
-    from pcc.backends.onnx.runtime import random_inputs, session
+    from pcc.backends.onnx.runtime import random_inputs
 
-    copy = model.clone()
-    values = {v.name: v for node in copy.graph for v in node.outputs if v is not None}
-    wanted = sorted({name for region in regions for name in region.inputs if name in values})
-    copy.graph.outputs.extend(values[name] for name in wanted if not values[name].is_graph_output())
-    sess = session(ir.serde.serialize_model(copy).SerializeToString())
+    sess, computed = session_with_region_inputs(model.clone(), regions)
     feeds = random_inputs(sess, seed, symbolic=batch)
-    return feeds | dict(zip(wanted, sess.run(wanted, feeds)))
+    return feeds | dict(zip(computed, sess.run(computed, feeds)))
 
 
 def measure_latency_table(
@@ -145,20 +143,20 @@ def measure_latency_table(
     regions = {g.index: local_region(model.graph, group_values(groups, g)) for g in prunable}
     activations = entering_activations(model, list(regions.values()), batch) if prunable else {}
     saved = {g.index: np.zeros(len(fractions)) for g in prunable}
-    jobs = [(g, f) for g in prunable for f in fractions[:-1]]
-    dense_region: tuple[int, ir.Model, bytes, DependencyGroups] | None = None  # one group's at a time
-    for group, fraction in tqdm(jobs, desc="latency table", unit="variant", disable=not progress, leave=False):
-        if dense_region is None or dense_region[0] != group.index:
-            sub = region_model(model, regions[group.index])
-            dense_region = (group.index, sub, ir.serde.serialize_model(sub).SerializeToString(), region_groups(groups, sub))
-        _, sub, sub_bytes, local = dense_region
-        keep = full.copy()
-        keep[group.index] = rounded_keep(group, fraction * group.num_units)
-        variant = sub.clone()
-        prune_channels(variant, local, planner.mask(keep))
+    bar = tqdm(total=len(prunable) * (len(fractions) - 1), desc="latency table", unit="variant", disable=not progress, leave=False)
+    for group in prunable:
+        sub = region_model(model, regions[group.index])
+        sub_bytes, local = ir.serde.serialize_model(sub).SerializeToString(), region_groups(groups, sub)
         feeds = {name: activations[name] for name in regions[group.index].inputs}
-        dense_ms, variant_ms = timer(sub_bytes, ir.serde.serialize_model(variant).SerializeToString(), feeds)
-        saved[group.index][int(np.searchsorted(fractions, fraction))] = dense_ms - variant_ms
+        for column, fraction in enumerate(fractions[:-1]):
+            keep = full.copy()
+            keep[group.index] = rounded_keep(group, fraction * group.num_units)
+            variant = sub.clone()
+            prune_channels(variant, local, planner.mask(keep))
+            dense_ms, variant_ms = timer(sub_bytes, ir.serde.serialize_model(variant).SerializeToString(), feeds)
+            saved[group.index][column] = dense_ms - variant_ms
+            bar.update()
+    bar.close()
     for index, values in saved.items():
         # narrower never saves less: make savings monotone from the full width down, and non-negative
         saved[index] = np.maximum.accumulate(np.maximum(values, 0.0)[::-1])[::-1]

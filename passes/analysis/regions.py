@@ -13,6 +13,7 @@ that part, fed the activations entering it, which saves re-running the rest of t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -20,7 +21,10 @@ import onnx_ir.passes.common as common_passes
 
 from pcc.passes.analysis.dependency_groups import DependencyGroup, DependencyGroups
 
-__all__ = ["Region", "downstream_region", "group_values", "local_region", "region_groups", "region_model"]
+__all__ = [
+    "Region", "downstream_region", "group_values", "local_region", "region_groups", "region_model",
+    "session_with_region_inputs",
+]
 
 
 @dataclass(frozen=True)
@@ -135,3 +139,14 @@ def region_groups(groups: DependencyGroups, region: ir.Model) -> DependencyGroup
     names |= {v.name for node in region.graph for v in node.outputs if v is not None}
     local = {space: units for space, units in groups.space_units.items() if groups.spaces[space].value in names}
     return dataclasses.replace(groups, space_units=local)
+
+
+def session_with_region_inputs(model: ir.Model, regions: Iterable[Region], threads: int | None = None):
+    """An onnxruntime session of `model` (changed here: pass a copy) that also outputs every region's
+    entering activations that the graph computes, and their names (graph inputs are the caller's feeds)."""
+    from pcc.backends.onnx.runtime import session
+
+    values = {v.name: v for node in model.graph for v in node.outputs if v is not None}
+    wanted = sorted({name for region in regions for name in region.inputs if name in values})
+    model.graph.outputs.extend(values[name] for name in wanted if not values[name].is_graph_output())
+    return session(ir.serde.serialize_model(model).SerializeToString(), threads=threads), wanted

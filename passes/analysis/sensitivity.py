@@ -37,7 +37,9 @@ from tqdm.auto import tqdm
 from pcc.compiler.calibration import CalibrationData
 from pcc.passes.analysis.dependency_groups import DependencyGroups
 from pcc.passes.analysis.importance import Importance
-from pcc.passes.analysis.regions import Region, downstream_region, group_values, region_groups, region_model
+from pcc.passes.analysis.regions import (
+    Region, downstream_region, group_values, region_groups, region_model, session_with_region_inputs,
+)
 from pcc.passes.results import fetch, lookup, store
 
 __all__ = [
@@ -463,12 +465,7 @@ class VariantMeter:
 
     def _session_with_region_inputs(self, model: ir.Model):
         """An onnxruntime session of `model` (changed here) that also outputs every region's entering activations."""
-        from pcc.backends.onnx.runtime import session
-
-        values = {v.name: v for n in model.graph for v in n.outputs if v is not None}
-        wanted = {name for region in self.regions.values() for name in region.inputs if name in values}
-        model.graph.outputs.extend(values[name] for name in sorted(wanted) if not values[name].is_graph_output())
-        return session(ir.serde.serialize_model(model).SerializeToString(), threads=self.threads)
+        return session_with_region_inputs(model, self.regions.values(), self.threads)[0]
 
     def _adopt_base(self, variant: ir.Model) -> set[str]:
         """Give `variant` (a region pruned as the base is, but for one group) the parameters the base's repair

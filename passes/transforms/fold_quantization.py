@@ -156,12 +156,12 @@ class FoldQuantization(ir.passes.InPlacePass):
         for reader in readers:
             dequantized = reader.outputs[0]
             uses = tuple((node.name, index) for node, index in dequantized.uses())
+            output_name = dequantized.name if dequantized.is_graph_output() else None
             records.append(ActivationQuantization(
                 value=source.name, quantize=quantize.name, dequantize=reader.name, scale=scale,
                 zero_point=zero_point.astype(zero_dtype), quantize_attributes=tuple(quantize.attributes.values()),
-                readers=uses, graph_output=dequantized.name if dequantized.is_graph_output() else None,
+                readers=uses, graph_output=output_name,
             ))
-            output_name = dequantized.name if dequantized.is_graph_output() else None
             if output_name is not None:  # the model's output keeps its name: the float tensor takes it
                 graph.outputs[graph.outputs.index(dequantized)] = source
             ir.convenience.replace_all_uses_with(dequantized, source)

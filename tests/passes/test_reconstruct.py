@@ -312,3 +312,36 @@ def test_reconstruct_needs_a_dense_reference_and_real_data(trained_cnn):
         Pipeline([Reconstruct(CalibrationData.from_arrays(model, {model.graph.inputs[0].name: _bars(8, 0)[0]}))]).run(model)
     with pytest.raises(InvalidRequestError, match="real calibration data"):
         Pipeline([KeepDenseReference(), Reconstruct(CalibrationData.random(model, samples=4))]).run(model)
+
+
+def _gemm_layer(features: int, outputs: int):
+    from pcc.passes.transforms.reconstruct import _describe
+
+    model = from_torch(nn.Linear(features, outputs), (torch.zeros(2, features),))
+    (layer,) = [_describe(node) for node in model.graph if node.op_type in ("Gemm", "MatMul")]
+    return layer
+
+
+def test_least_squares_declines_a_fit_that_only_matches_the_calibration_samples():
+    """More inputs than samples (a classifier after global pooling): the exact fit is noise held-out samples
+    expose, so the layer keeps its weights; with plenty of samples the same layer is re-fitted."""
+    from pcc.passes.transforms.reconstruct import _least_squares
+
+    generator = torch.Generator().manual_seed(0)
+    features, outputs = 256, 10
+    layer = _gemm_layer(features, outputs)
+    weight = torch.randn(outputs, features, generator=generator) / features**0.5
+    bias = torch.zeros(outputs)
+
+    def fit(samples: int, noise: float):
+        x = torch.randn(samples, features, generator=generator)
+        target = x @ weight.T + noise * torch.randn(samples, outputs, generator=generator)
+        return _least_squares(layer, [x], [target], weight.clone(), bias.clone(), None, ridge=1e-4)
+
+    matrix, _, rows, ridge = fit(samples=100, noise=1.0)  # the weights are already the best linear map
+    assert ridge is None and torch.equal(matrix, weight) and rows == 100
+    shifted = weight + 0.3 * torch.randn(outputs, features, generator=generator) / features**0.5
+    x = torch.randn(4000, features, generator=generator)
+    matrix, _, rows, ridge = _least_squares(layer, [x], [x @ shifted.T], weight.clone(), bias.clone(), None, ridge=1e-4)
+    assert ridge is not None and rows == 4000
+    assert torch.allclose(matrix, shifted, atol=1e-3)

@@ -3,7 +3,8 @@
 The model is written to a temporary folder inside the destination folder, checked there with the full
 onnx.checker (which includes strict shape inference) and loaded by onnxruntime; only then is it moved
 into place with an atomic rename. Models over protobuf's 2 GB limit keep their weights in one external
-data file beside the model (`<name>.data`), moved into place the same way.
+data file beside the model (`<name>.data`), moved into place the same way. A weight the graph also reads
+transposed (a tied embedding and LM head) is stored once (`ShareTransposedWeights`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from pcc.passes.transforms.share_transposed_weights import ShareTransposedWeights
+
 __all__ = ["write_checked"]
 
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -23,8 +26,10 @@ _EXTERNAL_THRESHOLD = _PROTOBUF_LIMIT - 64 * 2**20  # leave room for the graph i
 
 
 def write_checked(model: ir.Model, path: str | os.PathLike[str], verify: Callable[[Path], None] | None = None) -> None:
-    """Serialise, check, verify (e.g. run it) and atomically move `model` to `path`."""
+    """Serialise, check, verify (e.g. run it) and atomically move `model` to `path`. `model` keeps what it
+    computes but may lose duplicate transposed weights (see the module docstring)."""
     path = Path(path)
+    ShareTransposedWeights()(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     proto = ir.serde.serialize_model(model)
     external = proto.ByteSize() > _EXTERNAL_THRESHOLD

@@ -26,6 +26,7 @@ from pcc.passes.analysis.dependency_groups import is_parameter
 from pcc.passes.analysis.fused_attention import InferContribShapes
 from pcc.passes.results import lookup, store
 from pcc.passes.analysis.shapes import RelaxedSequence, needs_specialising, representative_shapes, specialise_shapes
+from pcc.passes.analysis.transposed_weights import transposed_copies
 
 __all__ = ["Cost", "CostReport", "MeasureCost", "count_params", "count_macs", "measure_cost"]
 
@@ -47,7 +48,9 @@ class CostReport:
 
 
 def count_params(model: ir.Model) -> int:
-    return sum(v.const_value.size for v in model.graph.initializers.values() if is_parameter(v))
+    """The parameters stored, a tied weight's folded transposed copy counted once (as the model has it)."""
+    stored = sum(v.const_value.size for v in model.graph.initializers.values() if is_parameter(v))
+    return stored - sum(copy.const_value.size for copy, _ in transposed_copies(model.graph) if is_parameter(copy))
 
 
 def _numel(shape: ir.Shape | None) -> int | None:

@@ -1,4 +1,4 @@
-"""ShareTransposedWeights: a tied embedding / LM head is written once and computes the same."""
+"""ShareTransposedWeights and the parameter count: a tied embedding / LM head is written and counted once."""
 
 from __future__ import annotations
 
@@ -41,3 +41,12 @@ def test_a_tied_head_folded_into_its_own_copy_is_stored_once(tmp_path):
     assert sorted(sizes)[-1] == 600 * 128 and sorted(sizes)[-2] < 600 * 128
     assert any(node.op_type == "Transpose" for node in written.graph.node)
     np.testing.assert_allclose(run_onnx(written, {"ids": ids})[0], before[0], rtol=0, atol=0)
+
+
+def test_the_parameter_count_counts_a_tied_weight_once():
+    from pcc.passes.analysis.cost import count_params
+
+    model = from_torch(TiedLM(), (torch.zeros(2, 5, dtype=torch.long),), input_names=["ids"])
+    FoldConstants()(model)
+    unique = sum(p.numel() for p in TiedLM().parameters())  # nn.Module.parameters() lists a tied one once
+    assert count_params(model) == unique

@@ -26,7 +26,8 @@ import os
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 # Only light modules at the top: `pcc --help` and argument errors must answer at once, so onnx, torch,
@@ -157,12 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser("finetune", help="recover accuracy of a pruned model by a short fine-tune")
     finetune.add_argument("model", type=Path, help="ONNX model to fine-tune (usually pcc compile's output)")
-    finetune.add_argument("--data", type=Path, required=True, help=".npz of training inputs, with 'labels' unless --teacher")
+    finetune.add_argument("--data", type=Path, required=True,
+                          help=".npz of training inputs, with 'labels' unless --teacher; or, for a language model pcc "
+                          "compile wrote (its tokenizer beside it), a .txt file: next-token loss on its windows")
     finetune.add_argument("--teacher", type=Path, metavar="DENSE", help="distil from this model's outputs (the dense model)")
     finetune.add_argument("--epochs", type=int, default=1, metavar="N", help="passes over the data (default: 1)")
     finetune.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed (default: 1e-3)")
     finetune.add_argument("--batch-size", type=int, default=64, metavar="N", help="training batch (default: 64)")
-    finetune.add_argument("--eval", type=Path, metavar="FILE", help="labelled .npz to report top-1 accuracy on, before and after")
+    finetune.add_argument("--eval", type=Path, metavar="FILE",
+                          help="labelled .npz to report top-1 accuracy on, before and after; with text --data, a .txt "
+                          "file to report perplexity on")
+    finetune.add_argument("--data-windows", type=int, default=128, metavar="N",
+                          help="with text --data: token windows taken, spread evenly over the text (default 128)")
+    finetune.add_argument("--data-length", type=int, default=256, metavar="L",
+                          help="with text --data: tokens per window, also --eval's window (default 256)")
+    finetune.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                          help="with text --eval: score only the first N windows (default: all)")
     finetune.add_argument(
         "--params", choices=FINETUNE_PARAMS, default="all",
         help="what is trained: all weights; bn-bias, only biases and norm scales/shifts (PERP); lora, low-rank adapters "
@@ -422,9 +433,9 @@ def _sensitivity_cache(model_path: Path) -> Path | None:
 def _finetune(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidRequestError(f"--batch-size must be at least 1, got {args.batch_size}")
-    from pcc.backends.onnx.runtime import session, top1_accuracy
+    from pcc.backends.onnx.runtime import session
     from pcc.backends.onnx.writer import write_checked
-    from pcc.compiler.calibration import load_calibration
+    from pcc.compiler.calibration import TEXT_SUFFIXES, load_calibration
     from pcc.compiler.frontend import load_onnx
     from pcc.compiler.pipeline import Pipeline
     from pcc.passes.transforms import FineTune, FineTuneReport
@@ -433,10 +444,13 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.model.exists() and output.resolve() == args.model.resolve():
         raise InvalidRequestError(f"output {output} is the input model; pcc never overwrites its input")
     model = load_onnx(args.model)
-    data = load_calibration(model, args.data, batch_size=args.batch_size)
+    text = args.data.suffix.lower() in TEXT_SUFFIXES
+    tokenizer = _text_tokenizer(args) if text else None
+    data = load_calibration(model, args.data, batch_size=args.batch_size, tokenizer=tokenizer,
+                            windows=args.data_windows, length=args.data_length)
     teacher = load_onnx(args.teacher) if args.teacher else None
-    evaluation = load_calibration(model, args.eval, batch_size=256) if args.eval else None
-    before = top1_accuracy(str(args.model), evaluation) if evaluation else None
+    score = _finetune_score(args, tokenizer, model)
+    before = score(args.model) if score else None
     if args.schedule != "oneshot" and args.sparsity <= 0:
         raise InvalidRequestError(f"--schedule {args.schedule} prunes while training: give the final --sparsity in (0, 1)")
     if args.schedule == "oneshot" and args.sparsity > 0:
@@ -444,17 +458,67 @@ def _finetune(args: argparse.Namespace) -> int:
     tune = FineTune(
         data, teacher, epochs=args.epochs, lr=args.lr, seed=args.seed, params=args.params, lora_rank=args.lora_rank,
         schedule=args.schedule, sparsify=args.sparsify, sparsity=args.sparsity, rounds=args.rounds,
-        rewind_step=args.rewind_step, nuclear_norm=args.nuclear_norm, progress=sys.stderr.isatty(),
+        rewind_step=args.rewind_step, nuclear_norm=args.nuclear_norm, causal_lm=text, progress=sys.stderr.isatty(),
     )
     result = Pipeline([tune]).run(model)
     write_checked(result.model, output, verify=lambda staged: session(staged))
     print(f"pcc: {args.model} -> {output} (fine-tuned)")
     print(f"  {result.get(FineTuneReport).summary()}")
     print(f"  data       {data.source} ({data.num_samples} samples)")
-    if evaluation is not None:
-        after = top1_accuracy(str(output), evaluation)
-        print(f"  accuracy   {100 * before:.2f}% -> {100 * after:.2f}% top-1 on {evaluation.source}")
+    if score is not None:
+        print(f"  {score.label:<10} {score.format(before)} -> {score.format(score(output))} on {args.eval}")
+    if tokenizer is not None:
+        from pcc.compiler.llm import save_tokenizer
+
+        save_tokenizer(tokenizer, output)
     return 0
+
+
+def _text_tokenizer(args: argparse.Namespace):
+    """The tokenizer of the language model being fine-tuned on text (saved beside it by pcc compile)."""
+    from pcc.compiler.llm import load_saved_tokenizer
+
+    for flag, value, least in (("--data-windows", args.data_windows, 1), ("--data-length", args.data_length, 2),
+                               ("--eval-windows", args.eval_windows, 1)):
+        if value is not None and value < least:
+            raise InvalidRequestError(f"{flag} must be at least {least}, got {value}")
+    return load_saved_tokenizer(args.model)
+
+
+@dataclass(frozen=True)
+class _Score:
+    """`pcc finetune --eval`: top-1 accuracy on a labelled .npz, or perplexity on text for a language model."""
+
+    label: str
+    measure: Callable[[Path], float]
+    percent: bool
+
+    def __call__(self, model: Path) -> float:
+        return self.measure(model)
+
+    def format(self, value: float) -> str:
+        return f"{100 * value:.2f}%" if self.percent else f"{value:.2f}"
+
+
+def _finetune_score(args: argparse.Namespace, tokenizer, model) -> _Score | None:
+    from pcc.compiler.calibration import TEXT_SUFFIXES, load_calibration
+
+    if args.eval is None:
+        return None
+    if tokenizer is not None:
+        from pcc.passes.analysis.perplexity import text_perplexity
+
+        if args.eval.suffix.lower() not in TEXT_SUFFIXES:
+            raise InvalidRequestError(f"{args.eval}: with text --data, --eval is a .txt file to measure perplexity on")
+
+        def measure(path: Path) -> float:
+            return text_perplexity(str(path), args.eval, tokenizer, args.data_length, args.eval_windows).value
+
+        return _Score("perplexity", measure, False)
+    from pcc.backends.onnx.runtime import top1_accuracy
+
+    evaluation = load_calibration(model, args.eval, batch_size=256)
+    return _Score("top-1", lambda path: top1_accuracy(str(path), evaluation), True)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from pcc.compiler.errors import ModelLoadError, UnsupportedModelError
+from pcc.compiler.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 
 __all__ = [
     "GGUF_SUFFIX",
@@ -42,6 +42,7 @@ __all__ = [
     "export_causal_lm",
     "export_decoder_step",
     "load_causal_lm",
+    "load_saved_tokenizer",
     "save_tokenizer",
 ]
 
@@ -186,6 +187,18 @@ def load_causal_lm(path: str | os.PathLike[str]) -> tuple[ir.Model, Any]:
     """(the IR of the causal LM at `path` — a `.gguf` file or an HF folder — and its tokenizer)."""
     module, tokenizer = load_hf_causal_lm(path)
     return export_causal_lm(module), tokenizer
+
+
+def load_saved_tokenizer(model_path: str | os.PathLike[str]) -> Any:
+    """The tokenizer `save_tokenizer` wrote beside a compiled language model (what text data for it needs)."""
+    transformers = _require_transformers()
+    folder = Path(model_path).resolve().parent
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        raise InvalidRequestError(
+            f"text data needs the language model's tokenizer: none in {folder} (pcc compile writes it beside its output)"
+        ) from None
 
 
 def save_tokenizer(tokenizer: Any, model_path: str | os.PathLike[str]) -> list[Path]:

@@ -7,7 +7,9 @@ is the same graph with new weights and leaves through the usual ONNX backend.
 
 The loss is cross-entropy on labels, knowledge distillation from a teacher (usually the dense model:
 KL divergence between temperature-softened outputs, Hinton et al. 2015), or both mixed by `alpha`.
-Non-classifier outputs are distilled by mean squared error. BatchNorm runs in inference mode with its
+Non-classifier outputs are distilled by mean squared error. A causal language model (`causal_lm`) is
+trained on text windows by next-token cross-entropy (its labels are its own input_ids, shifted), and
+distilled per token over the vocabulary. BatchNorm runs in inference mode with its
 running statistics fixed, as is usual for short fine-tunes: a few hundred steps cannot re-estimate them
 and a batch's statistics would make the result depend on the fine-tuning batch size.
 
@@ -166,6 +168,7 @@ class FineTune(ir.passes.InPlacePass):
     reinit: bool = False  # imp: the last round starts from the rewound values shuffled (a random re-initialisation)
     recalibrate_batches: int = 8  # training batches BatchNorm statistics are re-estimated on after a mask update
     nuclear_norm: float = 0.0  # TRP: weight of the summed nuclear norms of the factorisable weights in the loss
+    causal_lm: bool = False  # logits [batch, seq, vocab] from input_ids: next-token loss, per-token distillation
     progress: bool = field(default=False, repr=False)
 
     def requires(self, model: ir.Model) -> None:
@@ -173,7 +176,7 @@ class FineTune(ir.passes.InPlacePass):
             raise InvalidRequestError(f"--epochs must be at least 1, got {self.epochs}")
         if not self.lr > 0:
             raise InvalidRequestError(f"--lr must be positive, got {self.lr}")
-        if self.teacher is None and self.data.labels is None:
+        if self.teacher is None and self.data.labels is None and not self.causal_lm:
             raise InvalidRequestError(
                 f"fine-tuning needs labels in the data ({self.data.source} has no 'labels' array) or a teacher model"
             )
@@ -314,16 +317,23 @@ class FineTune(ir.passes.InPlacePass):
         return names
 
     def _loss_name(self) -> str:
+        hard = "next-token cross-entropy" if self.causal_lm else "cross-entropy"
         if self.teacher is None:
-            name = "cross-entropy"
+            name = hard
         else:
-            name = "distillation + cross-entropy" if self.data.labels is not None else "distillation"
+            name = f"distillation + {hard}" if self.data.labels is not None or self.causal_lm else "distillation"
         return f"{name} + {self.nuclear_norm:g} x nuclear norm" if self.nuclear_norm > 0 else name
 
-    def _loss(self, outputs: list[torch.Tensor], labels: np.ndarray | None, targets: list[np.ndarray] | None) -> torch.Tensor:
+    def _loss(
+        self, outputs: list[torch.Tensor], labels: np.ndarray | None, targets: list[np.ndarray] | None,
+        feeds: dict[str, np.ndarray],
+    ) -> torch.Tensor:
         logits = outputs[0]
         hard = None
-        if labels is not None:
+        if self.causal_lm:  # token t predicts token t + 1
+            ids = torch.from_numpy(np.asarray(feeds["input_ids"], dtype=np.int64))
+            hard = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        elif labels is not None:
             if logits.dim() != 2:
                 raise InvalidRequestError(f"labels need a classifier: the model's first output has shape {tuple(logits.shape)}")
             hard = F.cross_entropy(logits, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
@@ -333,6 +343,8 @@ class FineTune(ir.passes.InPlacePass):
         return soft if hard is None else self.alpha * soft + (1 - self.alpha) * hard
 
     def _distill(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.causal_lm and student.dim() == 3:  # every token's next-token distribution
+            student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
         if student.dim() == 2 and student.shape[1] > 1:
             t = self.temperature
             return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean", log_target=True) * t * t
@@ -367,7 +379,7 @@ class _Run:
                 weights = self.adapters.weights() if self.adapters is not None else None
                 outputs = self.student(feeds, weights=weights)
                 targets = self.teacher.run(None, feeds) if self.teacher is not None else None
-                loss = tune._loss(outputs, labels, targets)
+                loss = tune._loss(outputs, labels, targets, feeds)
                 if self.regularised:
                     loss = loss + tune.nuclear_norm * self._nuclear_norm(weights)
                 optimizer.zero_grad(set_to_none=True)

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument(
         "--prune", default="channels", type=_kinds, metavar="KINDS",
         help=f"what to remove, a comma list of {', '.join(PRUNABLE_KINDS)} (default: channels); "
-        "heads removes whole attention heads, blocks whole residual blocks (transformer layers, ResNet blocks), "
+        "channels removes conv channels and FFN units, width the width a LayerNorm normalises (a transformer's "
+        "hidden size), heads whole attention heads, blocks whole residual blocks (transformer layers, ResNet blocks), "
         "tokens applies SpAtten's cascade token pruning; --sparsity applies to each kind named",
     )
     compile_.add_argument(

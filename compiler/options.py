@@ -45,7 +45,10 @@ __all__ = [
 ]
 
 TARGET_NAMES = ("onnx", "spatten", "tvm")
-GROUP_KINDS = ("channels", "heads")  # removed as dependency groups by the allocators and PruneChannels
+# removed as dependency groups by the allocators and PruneChannels. "width" is a width a LayerNorm normalises
+# (a transformer's hidden size, a ConvNeXt stage's): removing any of it changes the statistics of the rest, and
+# FLAP, LLM-Pruner and pcc's Llama groups keep it, so `channels` (FFN units, conv channels) leaves it whole
+GROUP_KINDS = ("channels", "heads", "width")
 PRUNABLE_KINDS = (*GROUP_KINDS, "blocks", "tokens")  # blocks and tokens have their own passes
 CRITERIA = ("l1", "l2", "bn", "lamp", "taylor", "hessian", "activation", "flap", "random", "wanda", "sparsegpt")
 DATA_CRITERIA = ("taylor", "hessian", "activation", "flap")  # computed on calibration data

@@ -70,7 +70,7 @@ class DependencyGroup:
     consumers: list[str]
     space_ids: list[int]
     cross_channel_norm: bool  # some unit is normalised across channels (LayerNorm): masking != removal
-    kind: str = "channels"  # "heads": each unit is one attention head (its Q/K/V/O slices)
+    kind: str = "channels"  # "heads": each unit is one attention head (its Q/K/V/O slices); "width": normalised
     enabled: bool = True  # False: the user did not ask to prune this kind (`--prune`)
 
     @property
@@ -420,7 +420,10 @@ def _assemble(
     normalised_units = new_id[np.unique(normalised[normalised >= 0])]
     groups = _describe_groups(group_of_unit[order], space_units, rec, normalised_units, round_to)
     for group in groups:
-        group.kind = "heads" if head_weights.intersection(group.producers) else "channels"
+        if head_weights.intersection(group.producers):
+            group.kind = "heads"
+        else:  # a width LayerNorm normalises (a transformer's hidden size) is asked for by name, see GROUP_KINDS
+            group.kind = "width" if group.cross_channel_norm else "channels"
         if group.kind == "heads":
             # round_to asks for SIMD-friendly widths; a head keeps its own width whole, so any head count is one
             # (rounding 16 heads of width 15 to multiples of 8 channels would allow only 8 or 16 heads)

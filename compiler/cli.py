@@ -492,13 +492,13 @@ class _Score:
 
     label: str
     measure: Callable[[Path], float]
-    percent: bool
+    unit: str  # "% top-1": a fraction shown in percent; "": a plain number
 
     def __call__(self, model: Path) -> float:
         return self.measure(model)
 
     def format(self, value: float) -> str:
-        return f"{100 * value:.2f}%" if self.percent else f"{value:.2f}"
+        return f"{100 * value:.2f}{self.unit}" if self.unit else f"{value:.2f}"
 
 
 def _finetune_score(args: argparse.Namespace, tokenizer, model) -> _Score | None:
@@ -515,11 +515,11 @@ def _finetune_score(args: argparse.Namespace, tokenizer, model) -> _Score | None
         def measure(path: Path) -> float:
             return text_perplexity(str(path), args.eval, tokenizer, args.data_length, args.eval_windows).value
 
-        return _Score("perplexity", measure, False)
+        return _Score("perplexity", measure, "")
     from pcc.backends.onnx.runtime import top1_accuracy
 
     evaluation = load_calibration(model, args.eval, batch_size=256)
-    return _Score("top-1", lambda path: top1_accuracy(str(path), evaluation), True)
+    return _Score("accuracy", lambda path: top1_accuracy(str(path), evaluation), "% top-1")
 
 
 def _run(args: argparse.Namespace) -> int:

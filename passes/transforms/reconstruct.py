@@ -65,6 +65,7 @@ _CHUNK_ELEMENTS = 1 << 22  # im2col patches are built this many elements at a ti
 DEFAULT_MAX_ROWS = 1 << 15
 _HOLD_OUT_EVERY = 5  # every fifth calibration sample checks the least-squares fits instead of feeding them
 _RIDGE_STEPS = (-1, 0, 1, 2, 3)  # ridge × 10^k tried on the held-out samples
+_MIN_HELD_OUT = 8  # fewer held-out samples choose a ridge by chance: then every sample fits, with the given ridge
 
 
 @dataclass
@@ -423,9 +424,10 @@ class _Moments:
 
 def _split_rows(
     layer: _Layer, inputs: list[Tensor], targets: list[Tensor], features: int, max_rows: int | None,
-) -> tuple[_Moments, _Moments]:
-    """Moments of the fitting rows and of the held-out rows: every `_HOLD_OUT_EVERY`-th calibration sample
-    (counted across batches) is held out whole, since the positions of one sample say much the same."""
+) -> tuple[_Moments, _Moments, int]:
+    """Moments of the fitting rows and of the held-out rows, and the number of held-out samples: every
+    `_HOLD_OUT_EVERY`-th calibration sample (counted across batches) is held out whole, since the positions
+    of one sample say much the same."""
     outputs = layer.rows(targets[0]).shape[1]
     fit = _Moments(features, outputs, layer.takes_bias)
     held = _Moments(features, outputs, layer.takes_bias)
@@ -450,7 +452,7 @@ def _split_rows(
                 pick_held, pick_fit = pick_held & sampled, pick_fit & sampled
             fit.add(chunk[pick_fit], t_chunk[pick_fit])
             held.add(chunk[pick_held], t_chunk[pick_held])
-    return fit, held
+    return fit, held, first_sample // _HOLD_OUT_EVERY
 
 
 def _least_squares(
@@ -462,13 +464,13 @@ def _least_squares(
 
     The ridge is chosen on held-out samples from `ridge` × 10^k (`_RIDGE_STEPS`) and the fit made again on
     every row with it; where no candidate beats the current weights on the held-out samples, the fit is
-    declined (returns ridge None). A classifier after global pooling has one row per sample: fitting its
+    declined (returns ridge None). With fewer than `_MIN_HELD_OUT` held-out samples, `ridge` fits every row. A classifier after global pooling has one row per sample: fitting its
     1,280 inputs on 512 samples matched the calibration set and lost held-out agreement (EfficientNet-Lite0).
     Returns (matrix, bias, rows, ridge chosen)."""
     features = matrix.shape[1]
-    fit, held = _split_rows(layer, inputs, targets, features, max_rows)
+    fit, held, held_samples = _split_rows(layer, inputs, targets, features, max_rows)
     chosen = ridge
-    if held.rows and fit.rows:
+    if held_samples >= _MIN_HELD_OUT and held.rows and fit.rows:
         current = torch.cat([matrix.double(), bias.double()[:, None]], dim=1) if layer.takes_bias else matrix.double()
         errors = {r: held.error(fit.solve(r)[0]) for r in (ridge * 10.0**k for k in _RIDGE_STEPS)}
         chosen = min(errors, key=errors.get)

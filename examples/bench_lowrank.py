@@ -197,8 +197,9 @@ def run_case(case: Case, args) -> None:
     case.rows.append(target | {"point": point, "top1_finetuned": None})
     timer_feeds = case.feeds
 
-    def timer(dense_bytes: bytes, variant: bytes) -> tuple[float, float]:
-        latency = paired_latency(session(dense_bytes, threads=1), session(variant, threads=1), timer_feeds, repeats=args.repeats)
+    def timer(dense_bytes: bytes, variant: bytes, feeds: dict | None) -> tuple[float, float]:
+        latency = paired_latency(session(dense_bytes, threads=1), session(variant, threads=1), feeds or timer_feeds,
+                                 repeats=args.repeats)
         return latency.dense_ms, latency.pruned_ms
 
     table = measure_rank_latency(dense, layers, timer)

@@ -93,7 +93,7 @@ class DependencyGroup:
 
     def __str__(self) -> str:
         extra = f" x{self.channels_per_unit}ch" if self.channels_per_unit > 1 else ""
-        norm = ", cross-channel norm" if self.cross_channel_norm else ""
+        norm = ", width a LayerNorm normalises (--prune width)" if self.cross_channel_norm else ""
         more = f" (+{len(self.producers) - 1} more)" if len(self.producers) > 1 else ""
         off = "" if self.enabled else f" [not pruned: {self.kind} not selected]"
         units = "heads" if self.kind == "heads" else "units"

@@ -223,10 +223,11 @@ def test_pcc_compile_on_a_hugging_face_folder(hf_folder, tmp_path):
     assert ((groups != 0).sum(axis=-1) <= 2).all()
 
 
-def test_pcc_finetune_on_text_trains_norms_by_next_token_loss(tmp_path):
+@pytest.mark.parametrize("teacher", [False, True])
+def test_pcc_finetune_on_text_trains_norms_by_next_token_loss(tmp_path, teacher):
     """PERP on a language model as pcc compile writes it (the tokenizer beside it): only norms and biases
-    trained on text windows by next-token cross-entropy; perplexity on that text falls, and the tokenizer
-    travels to the fine-tuned model's folder."""
+    trained on text windows by next-token cross-entropy (with a teacher, plus per-token distillation);
+    perplexity on that text falls, and the tokenizer travels to the fine-tuned model's folder."""
     import re
 
     from tests.compiler.test_cli import pcc
@@ -240,9 +241,10 @@ def test_pcc_finetune_on_text_trains_norms_by_next_token_loss(tmp_path):
     tuned = tmp_path / "tuned" / "llm.onnx"
     done = pcc("finetune", model, "--data", tmp_path / "train.txt", "--data-windows", "16", "--data-length", "32",
                "--params", "bn-bias", "--epochs", "5", "--lr", "0.1", "--batch-size", "4",
-               "--eval", tmp_path / "train.txt", "-o", tuned)
+               "--eval", tmp_path / "train.txt", "-o", tuned, *(["--teacher", model] if teacher else []))
     assert done.returncode == 0, done.stderr
-    assert "bn-bias" in done.stdout and "next-token cross-entropy" in done.stdout
+    loss = "distillation + next-token cross-entropy" if teacher else "next-token cross-entropy loss"
+    assert "bn-bias" in done.stdout and loss in done.stdout
     before, after = map(float, re.search(r"perplexity\s+([\d.]+) -> ([\d.]+)", done.stdout).groups())
     assert after < 0.9 * before
     assert (tuned.parent / "tokenizer.json").exists()

@@ -422,12 +422,11 @@ def _assemble(
     for group in groups:
         if head_weights.intersection(group.producers):
             group.kind = "heads"
-        else:  # a width LayerNorm normalises (a transformer's hidden size) is asked for by name, see GROUP_KINDS
-            group.kind = "width" if group.cross_channel_norm else "channels"
-        if group.kind == "heads":
             # round_to asks for SIMD-friendly widths; a head keeps its own width whole, so any head count is one
             # (rounding 16 heads of width 15 to multiples of 8 channels would allow only 8 or 16 heads)
             group.unit_multiple = 1
+        else:  # a width LayerNorm normalises (a transformer's hidden size) is asked for by name, see GROUP_KINDS
+            group.kind = "width" if group.cross_channel_norm else "channels"
         group.enabled = group.kind in kinds
 
     spaces = [

@@ -16,29 +16,29 @@ __all__ = ["transposed_copies"]
 _MIN_ELEMENTS = 1 << 16  # smaller copies are left alone: not worth a node, and they hardly change a count
 
 
-def _matrices(graph: ir.Graph) -> list[tuple[ir.Value, np.ndarray]]:
-    """The large 2-D initializers that are not graph inputs or outputs, with their arrays."""
-    found = []
-    for value in graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None or len(tensor.shape) != 2 or tensor.size < _MIN_ELEMENTS:
-            continue
-        if value.is_graph_input() or value.is_graph_output():
-            continue
-        found.append((value, tensor.numpy()))
-    return found
+def _matrices(graph: ir.Graph) -> list[ir.Value]:
+    """The large 2-D initializers that are not graph inputs or outputs."""
+    return [
+        value for value in graph.initializers.values()
+        if value.const_value is not None and len(value.const_value.shape) == 2
+        and value.const_value.size >= _MIN_ELEMENTS and not (value.is_graph_input() or value.is_graph_output())
+    ]
 
 
 def transposed_copies(graph: ir.Graph) -> list[tuple[ir.Value, ir.Value]]:
-    """(copy, source) pairs of large 2-D initializers where copy == sourceᵀ exactly; each copy listed once."""
+    """(copy, source) pairs of large 2-D initializers where copy == sourceᵀ exactly; each copy listed once.
+    Arrays are read only for pairs of transposed shapes and dtypes (most weights have no such partner)."""
     matrices = _matrices(graph)
     pairs, replaced = [], set()
-    for i, (source, a) in enumerate(matrices):
+    for i, source in enumerate(matrices):
         if source.name in replaced:
             continue
-        for copy, b in matrices[i + 1 :]:
-            if copy.name in replaced or b.shape != a.shape[::-1] or b.dtype != a.dtype:
+        a_tensor = source.const_value
+        for copy in matrices[i + 1 :]:
+            b_tensor = copy.const_value
+            if copy.name in replaced or b_tensor.shape.dims != a_tensor.shape.dims[::-1] or b_tensor.dtype != a_tensor.dtype:
                 continue
+            a, b = a_tensor.numpy(), b_tensor.numpy()
             if np.array_equal(b[:, 0], a[0]) and np.array_equal(b, a.T):  # the first row rules out most pairs cheaply
                 pairs.append((copy, source))
                 replaced.add(copy.name)

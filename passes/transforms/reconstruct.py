@@ -79,7 +79,7 @@ class LayerFit:
     error_after: float
     rows: int  # rows of the fit: samples times output positions
     applied: bool = True  # False: the fit did not lower the error, the layer was left as it was
-    ridge: float | None = None  # least squares: the ridge the held-out samples chose
+    ridge: float | None = None  # least squares: the ridge it used (chosen on held-out samples where there are enough)
     declined: str = ""  # why a fit was not applied
 
     def row(self) -> str:
@@ -464,8 +464,9 @@ def _least_squares(
 
     The ridge is chosen on held-out samples from `ridge` × 10^k (`_RIDGE_STEPS`) and the fit made again on
     every row with it; where no candidate beats the current weights on the held-out samples, the fit is
-    declined (returns ridge None). With fewer than `_MIN_HELD_OUT` held-out samples, `ridge` fits every row. A classifier after global pooling has one row per sample: fitting its
-    1,280 inputs on 512 samples matched the calibration set and lost held-out agreement (EfficientNet-Lite0).
+    declined (returns ridge None). With fewer than `_MIN_HELD_OUT` held-out samples, `ridge` fits every row.
+    A classifier after global pooling has one row per sample: fitting its 1,280 inputs on 512 samples
+    matched the calibration set and lost held-out agreement (EfficientNet-Lite0).
     Returns (matrix, bias, rows, ridge chosen)."""
     features = matrix.shape[1]
     fit, held, held_samples = _split_rows(layer, inputs, targets, features, max_rows)
